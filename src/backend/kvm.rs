@@ -1,0 +1,10 @@
+//! The `kvm` backend: our own VMM on /dev/kvm.
+
+use super::VmEnd;
+use crate::plan::VmPlan;
+use crate::vmm::{Error, Vm};
+
+/// Builds the VM described by `plan` and runs it to its end.
+pub fn run(plan: &VmPlan) -> Result<VmEnd, Error> {
+    Vm::build(plan)?.run()
+}

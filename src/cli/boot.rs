@@ -1,0 +1,77 @@
+//! `microvm boot`: boot a kernel (and initrd) in a VM and exit with the guest.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
+use crate::backend::{self, VmEnd};
+use crate::plan::{Console, VmPlan};
+
+/// Default kernel command line: console on COM1, reboot through the i8042, no reboot on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Flags of `microvm boot`.
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// Guest kernel: ELF vmlinux (PVH entry used when present) or bzImage [default: $MICROVM_KERNEL, then the built kernel]
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    pub memory: u64,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_name = "S")]
+    pub timeout: Option<f64>,
+    /// Write the guest console to this file instead of standard error.
+    #[arg(long, value_name = "PATH")]
+    pub console_log: Option<PathBuf>,
+}
+
+/// Runs `microvm boot`; returns the exit status.
+pub fn run(args: BootArgs) -> i32 {
+    let timeout = match args.timeout {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            error_line(format!("--timeout must be a positive number of seconds, not {s}"));
+            return EXIT_MICROVM_ERROR;
+        }
+    };
+    let Some(kernel) = args.kernel.or_else(crate::host::default_kernel) else {
+        error_line("no guest kernel found: pass --kernel PATH or set MICROVM_KERNEL");
+        return EXIT_MICROVM_ERROR;
+    };
+    let plan = VmPlan {
+        kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        timeout,
+        console: args.console_log.map_or(Console::Stderr, Console::File),
+    };
+    match backend::kvm::run(&plan) {
+        Ok(VmEnd::GuestStopped) => 0,
+        Ok(VmEnd::TimedOut) => {
+            let secs = plan.timeout.map_or(0.0, |t| t.as_secs_f64());
+            error_line(format!("the guest was still running after {secs} s (--timeout); stopped it"));
+            EXIT_TIMEOUT
+        }
+        Ok(VmEnd::Signal(sig)) => 128 + sig,
+        Err(e) => {
+            error_line(e);
+            EXIT_MICROVM_ERROR
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The `microvm` command line: docker-style flags and exit codes.
+
+mod boot;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status when microvm itself fails (docker's convention).
+pub const EXIT_MICROVM_ERROR: i32 = 125;
+/// Exit status when the guest outlived `--timeout` (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// microvm: run each container in its own small KVM virtual machine.
+#[derive(Debug, Parser)]
+#[command(name = "microvm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest kernel directly and exit with the guest.
+    Boot(boot::BootArgs),
+    /// Show what this host offers: KVM, its flavour, the default guest kernel.
+    Info,
+}
+
+/// Runs the parsed command; returns the process exit status.
+pub fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Boot(args) => boot::run(args),
+        Command::Info => {
+            print!("{}", crate::host::info_report());
+            0
+        }
+    }
+}
+
+/// Prints a one-line error the way every command does.
+pub fn error_line(msg: impl std::fmt::Display) {
+    eprintln!("microvm: {msg}");
+}

@@ -1,0 +1,82 @@
+//! 8250 UART on COM1 (vm-superio's model): guest console output to the host.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+
+use super::IrqLine;
+use crate::devices::BusDevice;
+
+/// COM1: 8 registers; transmitted bytes go to `out`, line-buffered.
+pub struct Serial {
+    uart: vm_superio::Serial<IrqLine, NoEvents, std::io::LineWriter<Box<dyn Write + Send>>>,
+}
+
+impl Serial {
+    /// A UART that raises `irq` and writes to `out`.
+    pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> Self {
+        Serial { uart: vm_superio::Serial::new(irq, std::io::LineWriter::new(out)) }
+    }
+
+    /// Writes out a partial last line (the guest may end mid-line).
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
+            *byte = self.uart.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
+            if let Err(e) = self.uart.write(offset, *byte) {
+                tracing::warn!("serial console: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_host_by_line() {
+        let out = Shared::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut com1 = Serial::new(IrqLine(irq.try_clone().unwrap()), Box::new(out.clone()));
+        for b in b"hi" {
+            com1.write(0, &[*b]);
+        }
+        assert!(out.0.lock().unwrap().is_empty(), "held until the line ends");
+        com1.write(0, b"\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        com1.write(0, b"x");
+        com1.flush();
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\nx");
+        // Wide or out-of-range accesses are ignored, not a panic.
+        com1.write(0, &[1, 2]);
+        com1.write(300, &[1]);
+        let mut data = [0u8; 1];
+        com1.read(5, &mut data);
+        assert_ne!(data[0] & 0x20, 0, "transmitter holding register empty");
+    }
+}

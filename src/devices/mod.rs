@@ -1,0 +1,6 @@
+//! Devices the guest reaches through port I/O or MMIO exits.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice};

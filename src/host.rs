@@ -1,0 +1,93 @@
+//! What this host offers: KVM presence and flavour, RAM, and the default guest kernel.
+
+use std::path::{Path, PathBuf};
+
+use kvm_ioctls::{Cap, Kvm};
+
+/// Host RAM in MiB (from sysinfo).
+pub fn total_ram_mib() -> u64 {
+    nix::sys::sysinfo::sysinfo().map(|i| i.ram_total() >> 20).unwrap_or(u64::MAX)
+}
+
+/// Whether /dev/kvm is PVM, the shadow-paging KVM that runs inside cloud VMs without VMX/SVM.
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The vendor module backing /dev/kvm, if any is loaded.
+pub fn kvm_flavour() -> &'static str {
+    if is_pvm() {
+        "PVM (kvm_pvm: shadow paging, guest ring 0 emulated)"
+    } else if Path::new("/sys/module/kvm_intel").exists() {
+        "Intel VMX (kvm_intel)"
+    } else if Path::new("/sys/module/kvm_amd").exists() {
+        "AMD SVM (kvm_amd)"
+    } else {
+        "unknown"
+    }
+}
+
+/// Where microvm looks for a guest kernel when `--kernel` is not given, in order.
+pub fn default_kernel_candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(p) = std::env::var_os("MICROVM_KERNEL") {
+        v.push(PathBuf::from(p));
+    }
+    v.push(PathBuf::from("/var/lib/microvm/kernel/vmlinux"));
+    if let Some(home) = std::env::var_os("HOME") {
+        v.push(PathBuf::from(home).join(".local/share/microvm/kernel/vmlinux"));
+    }
+    v
+}
+
+/// The first default kernel that exists.
+pub fn default_kernel() -> Option<PathBuf> {
+    default_kernel_candidates().into_iter().find(|p| p.is_file())
+}
+
+/// A report for `microvm info`.
+pub fn info_report() -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<22} {v}\n"));
+    line("microvm", env!("CARGO_PKG_VERSION").to_string());
+    let kvm_ok = match Kvm::new() {
+        Ok(kvm) => {
+            line("kvm", "/dev/kvm present".into());
+            line("kvm api version", kvm.get_api_version().to_string());
+            line("kvm flavour", kvm_flavour().into());
+            let caps = [
+                (Cap::Irqchip, "irqchip"),
+                (Cap::Pit2, "pit2"),
+                (Cap::ImmediateExit, "immediate-exit"),
+                (Cap::TscDeadlineTimer, "tsc-deadline"),
+                (Cap::Irqfd, "irqfd"),
+                (Cap::Ioeventfd, "ioeventfd"),
+            ];
+            let have: Vec<_> = caps.iter().map(|(c, n)| format!("{n}={}", if kvm.check_extension(*c) { "yes" } else { "no" })).collect();
+            line("kvm capabilities", have.join(" "));
+            line("kvm max vcpus", kvm.get_max_vcpus().to_string());
+            true
+        }
+        Err(e) => {
+            line("kvm", format!("not usable: /dev/kvm: {e}"));
+            false
+        }
+    };
+    line("host ram", format!("{} MiB", total_ram_mib()));
+    match default_kernel() {
+        Some(k) => line("default guest kernel", k.display().to_string()),
+        None => {
+            let looked: Vec<_> = default_kernel_candidates().iter().map(|p| p.display().to_string()).collect();
+            line("default guest kernel", format!("none (looked in {}); pass --kernel", looked.join(", ")))
+        }
+    }
+    let boots_linux = if !kvm_ok {
+        "no: no usable KVM"
+    } else if is_pvm() {
+        "no (not in useful time): PVM emulates a stock kernel's ring-0 code; bare-metal guests run"
+    } else {
+        "yes"
+    };
+    line("kvm boots linux", boots_linux.into());
+    out
+}

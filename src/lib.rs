@@ -1,0 +1,14 @@
+//! microvm: run OCI container images, each in its own small KVM virtual machine.
+//!
+//! The flow goes one way: CLI ([`cli`]) -> VM plan ([`plan`]) -> backend ([`backend`]) -> exit
+//! status. The KVM backend is our own VMM ([`vmm`]) with its devices ([`devices`]).
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod backend;
+pub mod cli;
+pub mod devices;
+pub mod host;
+pub mod plan;
+pub mod timing;
+pub mod vmm;

@@ -1,0 +1,37 @@
+//! The VM plan: plain data describing one virtual machine, built by the CLI and run by a backend.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Most vCPUs a VM may have: the MP table must fit in the last KiB of base memory.
+pub const MAX_CPUS: u8 = 32;
+/// Least guest RAM we accept, in MiB: room for the boot structures, a kernel and a stack.
+pub const MIN_MEMORY_MIB: u64 = 16;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// The host's standard error.
+    Stderr,
+    /// A log file, created or truncated.
+    File(PathBuf),
+}
+
+/// Everything a backend needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmPlan {
+    /// Guest kernel: an ELF vmlinux (with or without a PVH note) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+    /// Where the serial console goes.
+    pub console: Console,
+}

@@ -1,0 +1,128 @@
+//! Guest RAM: one region below the MMIO gap and, for large guests, one above 4 GiB.
+//!
+//! Memory is mapped `MAP_NORESERVE` and never touched up front: the host commits a page only
+//! when the guest (or a device) first touches it.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::layout::{EBDA_END, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, MPTABLE_START};
+
+/// An E820 / PVH memory type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Usable RAM (E820 type 1).
+    Ram = 1,
+    /// Reserved (E820 type 2).
+    Reserved = 2,
+}
+
+/// One entry of the memory map handed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Type.
+    pub kind: MemoryKind,
+}
+
+/// Splits `size` bytes of RAM into the ranges below and above the MMIO gap.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), (size - low) as usize));
+    }
+    ranges
+}
+
+/// Maps guest RAM of `size` bytes (no page is touched).
+pub fn create(size: u64) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(size))
+}
+
+/// The memory map the guest sees (E820 for Linux, the PVH memmap for PVH).
+pub fn memory_map(size: u64) -> Vec<MapEntry> {
+    let ram = |addr, size| MapEntry { addr, size, kind: MemoryKind::Ram };
+    let mut map = vec![
+        ram(0, MPTABLE_START),
+        MapEntry {
+            addr: MPTABLE_START,
+            size: EBDA_END - MPTABLE_START,
+            kind: MemoryKind::Reserved,
+        },
+    ];
+    for (start, len) in ram_ranges(size) {
+        let (start, len) = (start.0, len as u64);
+        if start == 0 {
+            map.push(ram(HIMEM_START, len - HIMEM_START));
+        } else {
+            map.push(ram(start, len));
+        }
+    }
+    map
+}
+
+/// End of the RAM below the MMIO gap.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_GAP_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn small_guest_has_one_region() {
+        assert_eq!(ram_ranges(128 * MIB), vec![(GuestAddress(0), (128 * MIB) as usize)]);
+        let map = memory_map(128 * MIB);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[2], MapEntry { addr: HIMEM_START, size: 127 * MIB, kind: MemoryKind::Ram });
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let size = 4096 * MIB;
+        let ranges = ram_ranges(size);
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(ranges[1], (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize));
+        let ram: u64 = memory_map(size)
+            .iter()
+            .filter(|e| e.kind == MemoryKind::Ram)
+            .map(|e| e.size)
+            .sum();
+        // Everything but the reserved EBDA tail and the legacy hole below 1 MiB is RAM.
+        assert_eq!(ram, size - (HIMEM_START - MPTABLE_START));
+        for e in memory_map(size) {
+            assert!(e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END);
+        }
+    }
+
+    #[test]
+    fn memory_is_not_touched_up_front() {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mem = create(64 * MIB).unwrap();
+        let host = mem.iter().next().unwrap().as_ptr() as u64;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_region = false;
+        let mut rss_kib = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, _)) = range.split_once('-') {
+                    if let Ok(start) = u64::from_str_radix(start, 16) {
+                        in_region = start == host;
+                        continue;
+                    }
+                }
+            }
+            if in_region && line.starts_with("Rss:") {
+                rss_kib = line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok());
+            }
+        }
+        assert_eq!(rss_kib, Some(0), "guest RAM mapping must start with nothing resident");
+    }
+}

@@ -1,0 +1,356 @@
+//! Our KVM virtual machine monitor: builds a VM from a [`VmPlan`] and runs it to its end.
+//!
+//! Threads, one job each: vCPU threads (guest execution and register accesses), the device loop
+//! (event-manager), and the controller (the calling thread: timeout, host signals, teardown).
+//! Every file and device is opened in [`Vm::build`], before the guest runs.
+
+pub mod boot;
+pub mod cpuid;
+mod device_loop;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod regs;
+pub mod vcpu;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::backend::VmEnd;
+use crate::devices::legacy::{BootMarker, IrqLine, Serial, I8042};
+use crate::devices::{bus, Bus};
+use crate::plan::{Console, VmPlan, MAX_CPUS, MIN_MEMORY_MIB};
+use crate::timing::kvm;
+use exit::{ResetLine, StopReason, StopSignal};
+use layout::*;
+use vcpu::Vcpu;
+
+/// Errors building or running a VM. Messages are for the person at the terminal.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// `--cpus` out of range.
+    #[error("--cpus must be between 1 and {MAX_CPUS}, not {0}")]
+    CpuCount(u8),
+    /// `--memory` too small.
+    #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, not {0}")]
+    MemoryTooSmall(u64),
+    /// `--memory` more than the host has.
+    #[error("--memory {asked} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge {
+        /// Requested MiB.
+        asked: u64,
+        /// Host MiB.
+        host: u64,
+    },
+    /// A file the VM needs cannot be opened.
+    #[error("cannot open the {what} {path}: {source}")]
+    Open {
+        /// What the file is for.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// /dev/kvm is missing or inaccessible.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
+    Kvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    KvmIoctl {
+        /// Which operation.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM capability we rely on is missing.
+    #[error("this KVM lacks {0}, which microvm needs")]
+    MissingCap(&'static str),
+    /// Guest RAM could not be mapped.
+    #[error("cannot map guest memory: {0}")]
+    Memory(#[from] vm_memory::mmap::FromRangesError),
+    /// Kernel, initrd or boot information.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// The MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
+    /// Device layout.
+    #[error("device layout: {0}")]
+    Bus(#[from] bus::Error),
+    /// Initial vCPU state could not be written to guest memory.
+    #[error("cannot write initial CPU structures: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// Host resources (threads, eventfds, signals).
+    #[error("host resources: {0}")]
+    Host(String),
+    /// The guest triple-faulted.
+    #[error("the guest triple-faulted on vCPU {cpu}{} (KVM_EXIT_SHUTDOWN)", rip.map(|r| format!(" at rip {r:#x}")).unwrap_or_default())]
+    TripleFault {
+        /// vCPU index.
+        cpu: u8,
+        /// Instruction pointer, if known.
+        rip: Option<u64>,
+    },
+    /// A vCPU failed.
+    #[error("the guest failed: {0}")]
+    Guest(String),
+}
+
+fn host_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Host(format!("{what}: {e}"))
+}
+
+fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |source| Error::KvmIoctl { what, source }
+}
+
+/// A VM ready to run: memory loaded, devices placed, vCPUs configured.
+pub struct Vm {
+    // Field order is drop order: vCPU fds and the VM fd close before the memory is unmapped.
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<Serial>>,
+    stop: Arc<StopSignal>,
+    signals: SignalFd,
+    timeout: Option<Duration>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _memory: GuestMemoryMmap,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::Open { what, path: path.to_owned(), source })
+}
+
+/// Checks the plan's numbers before anything is opened.
+pub fn validate(plan: &VmPlan) -> Result<(), Error> {
+    if plan.cpus == 0 || plan.cpus > MAX_CPUS {
+        return Err(Error::CpuCount(plan.cpus));
+    }
+    if plan.memory_mib < MIN_MEMORY_MIB {
+        return Err(Error::MemoryTooSmall(plan.memory_mib));
+    }
+    let host = crate::host::total_ram_mib();
+    if plan.memory_mib > host {
+        return Err(Error::MemoryTooLarge { asked: plan.memory_mib, host });
+    }
+    boot::check_cmdline(&plan.cmdline)?;
+    Ok(())
+}
+
+impl Vm {
+    /// Opens everything, creates the VM and loads the guest.
+    pub fn build(plan: &VmPlan) -> Result<Vm, Error> {
+        validate(plan)?;
+        let mut kernel_file = open("kernel", &plan.kernel)?;
+        let initrd = match &plan.initrd {
+            Some(path) => {
+                let f = open("initrd", path)?;
+                let size = f.metadata().map_err(|source| Error::Open { what: "initrd", path: path.clone(), source })?.len();
+                Some((f, size))
+            }
+            None => None,
+        };
+        let console: Box<dyn Write + Send> = match &plan.console {
+            Console::Stderr => Box::new(std::io::stderr()),
+            Console::File(path) => Box::new(File::create(path).map_err(|source| Error::Open {
+                what: "console log",
+                path: path.clone(),
+                source,
+            })?),
+        };
+
+        // Host signals end the VM through the controller; vCPU threads inherit the mask.
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block().map_err(|e| Error::Host(format!("blocking signals: {e}")))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| Error::Host(format!("signalfd: {e}")))?;
+        vcpu::register_kick_handler().map_err(|e| Error::Host(format!("vCPU kick handler: {e}")))?;
+
+        let kvm_sys = kvm(Kvm::new).map_err(Error::Kvm)?;
+        if !kvm_sys.check_extension(Cap::ImmediateExit) {
+            return Err(Error::MissingCap("KVM_CAP_IMMEDIATE_EXIT"));
+        }
+        let vm = kvm(|| kvm_sys.create_vm()).map_err(ioctl("KVM_CREATE_VM"))?;
+        kvm(|| vm.set_tss_address(KVM_TSS_ADDR)).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        kvm(|| vm.create_irq_chip()).map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        kvm(|| vm.create_pit2(pit)).map_err(ioctl("KVM_CREATE_PIT2"))?;
+
+        let mem_size = plan.memory_mib << 20;
+        let memory = memory::create(mem_size)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+            // `memory`, which the Vm keeps until after the VM fd is closed.
+            kvm(|| unsafe { vm.set_user_memory_region(region_desc) })
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let kernel = boot::load_kernel(&memory, &mut kernel_file)?;
+        tracing::debug!("kernel entry {:#x} via {}", kernel.entry.0, kernel.protocol_name());
+        let initrd_at = match initrd {
+            Some((mut f, size)) => {
+                let low_end = memory::low_ram_end(mem_size);
+                Some((boot::load_initrd(&memory, &mut f, size, &kernel, low_end)?, size))
+            }
+            None => None,
+        };
+        boot::write_cmdline(&memory, &plan.cmdline)?;
+        boot::write_boot_info(&memory, &kernel, plan.cmdline.len(), initrd_at, &memory::memory_map(mem_size))?;
+        mptable::setup(&memory, plan.cpus)?;
+
+        let stop = Arc::new(StopSignal::new().map_err(host_err("stop eventfd"))?);
+        let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial irq eventfd"))?;
+        kvm(|| vm.register_irqfd(&com1_irq, COM1_IRQ)).map_err(ioctl("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(IrqLine(com1_irq), console)));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), COM1_PORT as u64, 8)?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(ResetLine(stop.clone())))), I8042_DATA_PORT as u64, 5)?;
+        pio.insert(Arc::new(Mutex::new(BootMarker)), BOOT_MARKER_PORT as u64, 1)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        let supported = kvm(|| kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let vendor = cpuid::Vendor::from_entries(supported.as_slice());
+        let tsc_deadline = kvm_sys.check_extension(Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::with_capacity(plan.cpus as usize);
+        for index in 0..plan.cpus {
+            let fd = kvm(|| vm.create_vcpu(index as u64)).map_err(ioctl("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            let topology = cpuid::VcpuTopology { index, count: plan.cpus, tsc_deadline };
+            cpuid::filter(cpuid.as_mut_slice(), vendor, topology);
+            kvm(|| fd.set_cpuid2(&cpuid)).map_err(ioctl("KVM_SET_CPUID2"))?;
+            let msrs = regs::boot_msrs();
+            let written = kvm(|| fd.set_msrs(&msrs)).map_err(ioctl("KVM_SET_MSRS"))?;
+            if written != msrs.as_slice().len() {
+                let index = msrs.as_slice()[written].index;
+                return Err(Error::Host(format!("KVM refused to set MSR {index:#x}")));
+            }
+            kvm(|| fd.set_fpu(&regs::boot_fpu())).map_err(ioctl("KVM_SET_FPU"))?;
+            let mut lapic = kvm(|| fd.get_lapic()).map_err(ioctl("KVM_GET_LAPIC"))?;
+            regs::set_lint_pins(&mut lapic);
+            kvm(|| fd.set_lapic(&lapic)).map_err(ioctl("KVM_SET_LAPIC"))?;
+            if index == 0 {
+                // Application processors wait for INIT/SIPI from the guest, as on hardware.
+                let mut sregs = kvm(|| fd.get_sregs()).map_err(ioctl("KVM_GET_SREGS"))?;
+                regs::setup_sregs(&memory, &kernel.protocol, &mut sregs)?;
+                kvm(|| fd.set_sregs(&sregs)).map_err(ioctl("KVM_SET_SREGS"))?;
+                let r = regs::boot_regs(&kernel.protocol, kernel.entry.0);
+                kvm(|| fd.set_regs(&r)).map_err(ioctl("KVM_SET_REGS"))?;
+            }
+            vcpus.push(Vcpu::new(fd, index, pio.clone(), mmio.clone(), stop.clone()));
+        }
+
+        Ok(Vm {
+            vcpus,
+            serial,
+            stop,
+            signals,
+            timeout: plan.timeout,
+            _vm: vm,
+            _kvm: kvm_sys,
+            _memory: memory,
+        })
+    }
+
+    /// Runs the guest until it stops, fails, times out or microvm is signalled.
+    pub fn run(mut self) -> Result<VmEnd, Error> {
+        const STOP: u64 = 0;
+        const SIGNAL: u64 = 1;
+        let epoll = Epoll::new().map_err(host_err("epoll"))?;
+        epoll
+            .ctl(ControlOperation::Add, self.stop.eventfd().as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))
+            .map_err(host_err("epoll"))?;
+        epoll
+            .ctl(ControlOperation::Add, self.signals.as_fd().as_raw_fd(), EpollEvent::new(EventSet::IN, SIGNAL))
+            .map_err(host_err("epoll"))?;
+
+        let devices = device_loop::DeviceLoop::start(Vec::new()).map_err(host_err("device loop"))?;
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (i, vcpu) in self.vcpus.drain(..).enumerate() {
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu.run())
+                .map_err(host_err("vCPU thread"));
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.stop.request_host_stop();
+                    stop_threads(threads);
+                    devices.stop();
+                    return Err(e);
+                }
+            }
+        }
+
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let mut events = vec![EpollEvent::default(); 2];
+        let end = loop {
+            let wait_ms = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+                None => -1,
+            };
+            let n = match epoll.wait(wait_ms, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(Error::Host(format!("waiting for the guest: {e}"))),
+            };
+            if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                break Ok(VmEnd::TimedOut);
+            }
+            if let Some(sig) = events[..n].iter().find(|e| e.data() == SIGNAL).and_then(|_| self.signals.read_signal().ok().flatten()) {
+                break Ok(VmEnd::Signal(sig.ssi_signo as i32));
+            }
+            if self.stop.is_requested() {
+                break match self.stop.reason() {
+                    Some(StopReason::TripleFault { cpu, rip }) => Err(Error::TripleFault { cpu, rip }),
+                    Some(StopReason::VcpuFailed(msg)) => Err(Error::Guest(msg)),
+                    Some(StopReason::GuestStopped) | None => Ok(VmEnd::GuestStopped),
+                };
+            }
+        };
+
+        self.stop.request_host_stop();
+        stop_threads(threads);
+        devices.stop();
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        end
+    }
+}
+
+/// Kicks every vCPU thread out of KVM_RUN (the stop flag is already set) and joins it.
+fn stop_threads(threads: Vec<std::thread::JoinHandle<()>>) {
+    for t in &threads {
+        // The thread may have ended already; a failed kick is then harmless.
+        let _ = t.kill(vcpu::kick_signal());
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
