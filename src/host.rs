@@ -6,7 +6,9 @@ use kvm_ioctls::{Cap, Kvm};
 
 /// Host RAM in MiB (from sysinfo).
 pub fn total_ram_mib() -> u64 {
-    nix::sys::sysinfo::sysinfo().map(|i| i.ram_total() >> 20).unwrap_or(u64::MAX)
+    nix::sys::sysinfo::sysinfo()
+        .map(|i| i.ram_total() >> 20)
+        .unwrap_or(u64::MAX)
 }
 
 /// Whether /dev/kvm is PVM, the shadow-paging KVM that runs inside cloud VMs without VMX/SVM.
@@ -42,7 +44,9 @@ pub fn default_kernel_candidates() -> Vec<PathBuf> {
 
 /// The first default kernel that exists.
 pub fn default_kernel() -> Option<PathBuf> {
-    default_kernel_candidates().into_iter().find(|p| p.is_file())
+    default_kernel_candidates()
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// A report for `microvm info`.
@@ -63,7 +67,10 @@ pub fn info_report() -> String {
                 (Cap::Irqfd, "irqfd"),
                 (Cap::Ioeventfd, "ioeventfd"),
             ];
-            let have: Vec<_> = caps.iter().map(|(c, n)| format!("{n}={}", if kvm.check_extension(*c) { "yes" } else { "no" })).collect();
+            let have: Vec<_> = caps
+                .iter()
+                .map(|(c, n)| format!("{n}={}", if kvm.check_extension(*c) { "yes" } else { "no" }))
+                .collect();
             line("kvm capabilities", have.join(" "));
             line("kvm max vcpus", kvm.get_max_vcpus().to_string());
             true
@@ -77,8 +84,14 @@ pub fn info_report() -> String {
     match default_kernel() {
         Some(k) => line("default guest kernel", k.display().to_string()),
         None => {
-            let looked: Vec<_> = default_kernel_candidates().iter().map(|p| p.display().to_string()).collect();
-            line("default guest kernel", format!("none (looked in {}); pass --kernel", looked.join(", ")))
+            let looked: Vec<_> = default_kernel_candidates()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            line(
+                "default guest kernel",
+                format!("none (looked in {}); pass --kernel", looked.join(", ")),
+            )
         }
     }
     let boots_linux = if !kvm_ok {

@@ -10,7 +10,11 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout with status 0; usage errors are ours: 125.
-            let code = if e.use_stderr() { EXIT_MICROVM_ERROR } else { 0 };
+            let code = if e.use_stderr() {
+                EXIT_MICROVM_ERROR
+            } else {
+                0
+            };
             let _ = e.print();
             std::process::exit(code);
         }

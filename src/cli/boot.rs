@@ -44,7 +44,9 @@ pub fn run(args: BootArgs) -> i32 {
         None => None,
         Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
         Some(s) => {
-            error_line(format!("--timeout must be a positive number of seconds, not {s}"));
+            error_line(format!(
+                "--timeout must be a positive number of seconds, not {s}"
+            ));
             return EXIT_MICROVM_ERROR;
         }
     };
@@ -65,7 +67,9 @@ pub fn run(args: BootArgs) -> i32 {
         Ok(VmEnd::GuestStopped) => 0,
         Ok(VmEnd::TimedOut) => {
             let secs = plan.timeout.map_or(0.0, |t| t.as_secs_f64());
-            error_line(format!("the guest was still running after {secs} s (--timeout); stopped it"));
+            error_line(format!(
+                "the guest was still running after {secs} s (--timeout); stopped it"
+            ));
             EXIT_TIMEOUT
         }
         Ok(VmEnd::Signal(sig)) => 128 + sig,

@@ -55,8 +55,16 @@ impl Bus {
     }
 
     /// Gives `device` the range `base..base + len`.
-    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::InvalidRange { base, len })?;
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::InvalidRange { base, len })?;
         let at = self.ranges.partition_point(|r| r.base < base);
         let overlaps_prev = at > 0 && self.ranges[at - 1].base + self.ranges[at - 1].len > base;
         let overlaps_next = at < self.ranges.len() && self.ranges[at].base < end;
@@ -70,7 +78,10 @@ impl Bus {
     /// The device owning `addr`, and the offset of `addr` in its range; the whole access of `len`
     /// bytes must fit in the range.
     fn find(&self, addr: u64, len: usize) -> Option<(&Range, u64)> {
-        let at = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let at = self
+            .ranges
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[at];
         let offset = addr - r.base;
         (offset.checked_add(len as u64)? <= r.len).then_some((r, offset))
@@ -104,7 +115,9 @@ impl Bus {
 }
 
 /// Locks a device, carrying on if a previous holder panicked: register state stays usable.
-fn lock<'a>(device: &'a Mutex<dyn BusDevice + 'static>) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
+fn lock<'a>(
+    device: &'a Mutex<dyn BusDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -144,7 +157,8 @@ mod tests {
     #[test]
     fn misses_read_as_ones_and_drop_writes() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3f8, 8).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3f8, 8)
+            .unwrap();
         let mut data = [0u8; 2];
         assert!(!bus.read(0x2f8, &mut data));
         assert_eq!(data, [0xff, 0xff]);
@@ -158,10 +172,22 @@ mod tests {
         let dev = || -> Arc<Mutex<dyn BusDevice>> { Arc::new(Mutex::new(Recorder::default())) };
         let mut bus = Bus::new();
         bus.insert(dev(), 0x100, 0x10).unwrap();
-        assert!(matches!(bus.insert(dev(), 0x10f, 1), Err(Error::Overlap { .. })));
-        assert!(matches!(bus.insert(dev(), 0xf8, 9), Err(Error::Overlap { .. })));
-        assert!(matches!(bus.insert(dev(), 0x200, 0), Err(Error::InvalidRange { .. })));
-        assert!(matches!(bus.insert(dev(), u64::MAX, 2), Err(Error::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(dev(), 0x10f, 1),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(dev(), 0xf8, 9),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(dev(), 0x200, 0),
+            Err(Error::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(dev(), u64::MAX, 2),
+            Err(Error::InvalidRange { .. })
+        ));
         bus.insert(dev(), 0xf0, 0x10).unwrap();
         bus.insert(dev(), 0x110, 0x10).unwrap();
     }

@@ -101,7 +101,9 @@ impl LoadedKernel {
     /// A name for messages.
     pub fn protocol_name(&self) -> &'static str {
         match self.protocol {
-            BootProtocol::Linux64 { setup_header: Some(_) } => "Linux 64-bit (bzImage)",
+            BootProtocol::Linux64 {
+                setup_header: Some(_),
+            } => "Linux 64-bit (bzImage)",
             BootProtocol::Linux64 { setup_header: None } => "Linux 64-bit (ELF)",
             BootProtocol::Pvh => "PVH",
         }
@@ -120,13 +122,19 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
             PvhBootCapability::PvhEntryPresent(entry) => (entry, BootProtocol::Pvh),
             _ => (r.kernel_load, BootProtocol::Linux64 { setup_header: None }),
         };
-        return Ok(LoadedKernel { entry, end: r.kernel_end, protocol });
+        return Ok(LoadedKernel {
+            entry,
+            end: r.kernel_end,
+            protocol,
+        });
     }
     match BzImage::load(mem, None, kernel, himem) {
         Ok(r) => Ok(LoadedKernel {
             entry: r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
             end: r.kernel_end,
-            protocol: BootProtocol::Linux64 { setup_header: r.setup_header },
+            protocol: BootProtocol::Linux64 {
+                setup_header: r.setup_header,
+            },
         }),
         Err(linux_loader::loader::Error::Bzimage(
             linux_loader::loader::bzimage::Error::InvalidBzImage,
@@ -153,7 +161,8 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), Error> 
     let mut bytes = Vec::with_capacity(cmdline.len() + 1);
     bytes.extend_from_slice(cmdline.as_bytes());
     bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START)).map_err(Error::Cmdline)
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
+        .map_err(Error::Cmdline)
 }
 
 /// Where an initrd of `size` bytes goes: page-aligned, as high as possible below `limit`, and
@@ -177,7 +186,10 @@ pub fn load_initrd(
 ) -> Result<GuestAddress, Error> {
     use vm_memory::Bytes;
     let mut limit = low_ram_end;
-    if let BootProtocol::Linux64 { setup_header: Some(h) } = kernel.protocol {
+    if let BootProtocol::Linux64 {
+        setup_header: Some(h),
+    } = kernel.protocol
+    {
         if h.initrd_addr_max != 0 {
             limit = limit.min(h.initrd_addr_max as u64 + 1);
         }
@@ -230,7 +242,11 @@ pub fn write_boot_info(
             let mut bp = BootParams::new(&info, GuestAddress(PVH_INFO_START));
             bp.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
             if let Some((addr, size)) = initrd {
-                let module = hvm_modlist_entry { paddr: addr.0, size, ..Default::default() };
+                let module = hvm_modlist_entry {
+                    paddr: addr.0,
+                    size,
+                    ..Default::default()
+                };
                 bp.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
             }
             PvhBootConfigurator::write_bootparams(&bp, mem)?;
@@ -266,7 +282,11 @@ fn zero_page(
         params.ext_ramdisk_size = (size >> 32) as u32;
     }
     for (slot, e) in params.e820_table.iter_mut().zip(map) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind as u32 };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind as u32,
+        };
     }
     params.e820_entries = map.len() as u8;
     Ok(params)
@@ -292,7 +312,10 @@ mod tests {
     fn garbage_is_not_a_kernel() {
         let mem = memory::create(32 * MIB).unwrap();
         let mut f = temp_file("garbage", &[0x5a; 8192]);
-        assert!(matches!(load_kernel(&mem, &mut f), Err(Error::UnknownKernelFormat)));
+        assert!(matches!(
+            load_kernel(&mem, &mut f),
+            Err(Error::UnknownKernelFormat)
+        ));
         let mut f = temp_file("empty", &[]);
         assert!(load_kernel(&mem, &mut f).is_err());
     }
@@ -309,18 +332,25 @@ mod tests {
     #[test]
     fn cmdline_limits() {
         assert!(check_cmdline(&"a".repeat(2047)).is_ok());
-        assert!(matches!(check_cmdline(&"a".repeat(2048)), Err(Error::CmdlineTooLong(2048))));
+        assert!(matches!(
+            check_cmdline(&"a".repeat(2048)),
+            Err(Error::CmdlineTooLong(2048))
+        ));
         assert!(matches!(check_cmdline("a\0b"), Err(Error::CmdlineNul)));
         let mem = memory::create(32 * MIB).unwrap();
         write_cmdline(&mem, "console=ttyS0").unwrap();
         let mut buf = [0u8; 14];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");
     }
 
     #[test]
     fn initrd_goes_high_and_above_the_kernel() {
-        assert_eq!(initrd_address(5000, 2 * MIB, 64 * MIB).unwrap(), 64 * MIB - 8192);
+        assert_eq!(
+            initrd_address(5000, 2 * MIB, 64 * MIB).unwrap(),
+            64 * MIB - 8192
+        );
         assert!(initrd_address(63 * MIB, 2 * MIB, 64 * MIB).is_err());
         assert!(initrd_address(u64::MAX, 0, 64 * MIB).is_err());
     }
@@ -341,7 +371,11 @@ mod tests {
     #[test]
     fn pvh_start_info_is_written() {
         let mem = memory::create(32 * MIB).unwrap();
-        let kernel = LoadedKernel { entry: GuestAddress(HIMEM_START), end: 0, protocol: BootProtocol::Pvh };
+        let kernel = LoadedKernel {
+            entry: GuestAddress(HIMEM_START),
+            end: 0,
+            protocol: BootProtocol::Pvh,
+        };
         let map = memory::memory_map(32 * MIB);
         write_boot_info(&mem, &kernel, 3, Some((GuestAddress(0x100_0000), 77)), &map).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
@@ -353,6 +387,9 @@ mod tests {
         let last: hvm_memmap_table_entry = mem
             .read_obj(GuestAddress(PVH_MEMMAP_START + 24 * (map.len() as u64 - 1)))
             .unwrap();
-        assert_eq!((last.addr, last.size, last.type_), (HIMEM_START, 31 * MIB, 1));
+        assert_eq!(
+            (last.addr, last.size, last.type_),
+            (HIMEM_START, 31 * MIB, 1)
+        );
     }
 }

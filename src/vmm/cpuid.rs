@@ -143,7 +143,11 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     fn table() -> Vec<kvm_cpuid_entry2> {
@@ -156,7 +160,15 @@ mod tests {
         leaf1.edx = LEAF1_EDX_HTT;
         let mut pmu = entry(0xa, 0);
         pmu.eax = 0x0804_0602;
-        vec![leaf0, leaf1, pmu, entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), entry(0x8000_0008, 0)]
+        vec![
+            leaf0,
+            leaf1,
+            pmu,
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(0x8000_0008, 0),
+        ]
     }
 
     #[test]
@@ -168,7 +180,15 @@ mod tests {
     #[test]
     fn apic_ids_and_topology_follow_the_vcpu() {
         let mut t = table();
-        filter(&mut t, Vendor::Amd, VcpuTopology { index: 3, count: 4, tsc_deadline: true });
+        filter(
+            &mut t,
+            Vendor::Amd,
+            VcpuTopology {
+                index: 3,
+                count: 4,
+                tsc_deadline: true,
+            },
+        );
         let leaf1 = t[1];
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
@@ -186,7 +206,15 @@ mod tests {
     #[test]
     fn single_cpu_has_no_htt() {
         let mut t = table();
-        filter(&mut t, Vendor::Amd, VcpuTopology { index: 0, count: 1, tsc_deadline: false });
+        filter(
+            &mut t,
+            Vendor::Amd,
+            VcpuTopology {
+                index: 0,
+                count: 1,
+                tsc_deadline: false,
+            },
+        );
         assert_eq!(t[1].edx & LEAF1_EDX_HTT, 0);
         assert_eq!(t[1].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         assert_eq!(t[4].eax, 0);

@@ -43,19 +43,24 @@ impl DeviceLoop {
         let mut manager = EventManager::<Subscriber>::new().map_err(std::io::Error::other)?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stopped = Arc::new(AtomicBool::new(false));
-        let stop_sub: Subscriber = Arc::new(Mutex::new(StopEvent { evt: stop.try_clone()?, stopped: stopped.clone() }));
+        let stop_sub: Subscriber = Arc::new(Mutex::new(StopEvent {
+            evt: stop.try_clone()?,
+            stopped: stopped.clone(),
+        }));
         manager.add_subscriber(stop_sub);
         for s in subscribers {
             manager.add_subscriber(s);
         }
-        let thread = std::thread::Builder::new().name("devices".into()).spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                if let Err(e) = manager.run() {
-                    tracing::error!("device loop: {e:?}");
-                    break;
+        let thread = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::SeqCst) {
+                    if let Err(e) = manager.run() {
+                        tracing::error!("device loop: {e:?}");
+                        break;
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(DeviceLoop { stop, thread })
     }
 

@@ -63,7 +63,10 @@ impl StopSignal {
 
     /// The first reason given, if any.
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The eventfd the controller waits on.
@@ -92,10 +95,19 @@ mod tests {
     fn first_reason_wins_and_wakes_the_controller() {
         let s = StopSignal::new().unwrap();
         assert!(!s.is_requested());
-        s.request(StopReason::TripleFault { cpu: 1, rip: Some(5) });
+        s.request(StopReason::TripleFault {
+            cpu: 1,
+            rip: Some(5),
+        });
         s.request(StopReason::GuestStopped);
         assert!(s.is_requested());
-        assert_eq!(s.reason(), Some(StopReason::TripleFault { cpu: 1, rip: Some(5) }));
+        assert_eq!(
+            s.reason(),
+            Some(StopReason::TripleFault {
+                cpu: 1,
+                rip: Some(5)
+            })
+        );
         assert_eq!(s.eventfd().read().unwrap(), 2);
     }
 }

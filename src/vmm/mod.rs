@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -124,7 +126,6 @@ fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
 pub struct Vm {
     // Field order is drop order: vCPU fds and the VM fd close before the memory is unmapped.
     vcpus: Vec<Vcpu>,
-    serial: Arc<Mutex<Serial>>,
     stop: Arc<StopSignal>,
     signals: SignalFd,
     timeout: Option<Duration>,
@@ -134,7 +135,11 @@ pub struct Vm {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
-    File::open(path).map_err(|source| Error::Open { what, path: path.to_owned(), source })
+    File::open(path).map_err(|source| Error::Open {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Checks the plan's numbers before anything is opened.
@@ -147,7 +152,10 @@ pub fn validate(plan: &VmPlan) -> Result<(), Error> {
     }
     let host = crate::host::total_ram_mib();
     if plan.memory_mib > host {
-        return Err(Error::MemoryTooLarge { asked: plan.memory_mib, host });
+        return Err(Error::MemoryTooLarge {
+            asked: plan.memory_mib,
+            host,
+        });
     }
     boot::check_cmdline(&plan.cmdline)?;
     Ok(())
@@ -161,7 +169,14 @@ impl Vm {
         let initrd = match &plan.initrd {
             Some(path) => {
                 let f = open("initrd", path)?;
-                let size = f.metadata().map_err(|source| Error::Open { what: "initrd", path: path.clone(), source })?.len();
+                let size = f
+                    .metadata()
+                    .map_err(|source| Error::Open {
+                        what: "initrd",
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
                 Some((f, size))
             }
             None => None,
@@ -180,10 +195,12 @@ impl Vm {
         for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
             mask.add(s);
         }
-        mask.thread_block().map_err(|e| Error::Host(format!("blocking signals: {e}")))?;
+        mask.thread_block()
+            .map_err(|e| Error::Host(format!("blocking signals: {e}")))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(|e| Error::Host(format!("signalfd: {e}")))?;
-        vcpu::register_kick_handler().map_err(|e| Error::Host(format!("vCPU kick handler: {e}")))?;
+        vcpu::register_kick_handler()
+            .map_err(|e| Error::Host(format!("vCPU kick handler: {e}")))?;
 
         let kvm_sys = kvm(Kvm::new).map_err(Error::Kvm)?;
         if !kvm_sys.check_extension(Cap::ImmediateExit) {
@@ -192,7 +209,10 @@ impl Vm {
         let vm = kvm(|| kvm_sys.create_vm()).map_err(ioctl("KVM_CREATE_VM"))?;
         kvm(|| vm.set_tss_address(KVM_TSS_ADDR)).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         kvm(|| vm.create_irq_chip()).map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         kvm(|| vm.create_pit2(pit)).map_err(ioctl("KVM_CREATE_PIT2"))?;
 
         let mem_size = plan.memory_mib << 20;
@@ -212,16 +232,29 @@ impl Vm {
         }
 
         let kernel = boot::load_kernel(&memory, &mut kernel_file)?;
-        tracing::debug!("kernel entry {:#x} via {}", kernel.entry.0, kernel.protocol_name());
+        tracing::debug!(
+            "kernel entry {:#x} via {}",
+            kernel.entry.0,
+            kernel.protocol_name()
+        );
         let initrd_at = match initrd {
             Some((mut f, size)) => {
                 let low_end = memory::low_ram_end(mem_size);
-                Some((boot::load_initrd(&memory, &mut f, size, &kernel, low_end)?, size))
+                Some((
+                    boot::load_initrd(&memory, &mut f, size, &kernel, low_end)?,
+                    size,
+                ))
             }
             None => None,
         };
         boot::write_cmdline(&memory, &plan.cmdline)?;
-        boot::write_boot_info(&memory, &kernel, plan.cmdline.len(), initrd_at, &memory::memory_map(mem_size))?;
+        boot::write_boot_info(
+            &memory,
+            &kernel,
+            plan.cmdline.len(),
+            initrd_at,
+            &memory::memory_map(mem_size),
+        )?;
         mptable::setup(&memory, plan.cpus)?;
 
         let stop = Arc::new(StopSignal::new().map_err(host_err("stop eventfd"))?);
@@ -230,7 +263,11 @@ impl Vm {
         let serial = Arc::new(Mutex::new(Serial::new(IrqLine(com1_irq), console)));
         let mut pio = Bus::new();
         pio.insert(serial.clone(), COM1_PORT as u64, 8)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(ResetLine(stop.clone())))), I8042_DATA_PORT as u64, 5)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(ResetLine(stop.clone())))),
+            I8042_DATA_PORT as u64,
+            5,
+        )?;
         pio.insert(Arc::new(Mutex::new(BootMarker)), BOOT_MARKER_PORT as u64, 1)?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
@@ -243,7 +280,11 @@ impl Vm {
         for index in 0..plan.cpus {
             let fd = kvm(|| vm.create_vcpu(index as u64)).map_err(ioctl("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
-            let topology = cpuid::VcpuTopology { index, count: plan.cpus, tsc_deadline };
+            let topology = cpuid::VcpuTopology {
+                index,
+                count: plan.cpus,
+                tsc_deadline,
+            };
             cpuid::filter(cpuid.as_mut_slice(), vendor, topology);
             kvm(|| fd.set_cpuid2(&cpuid)).map_err(ioctl("KVM_SET_CPUID2"))?;
             let msrs = regs::boot_msrs();
@@ -264,12 +305,17 @@ impl Vm {
                 let r = regs::boot_regs(&kernel.protocol, kernel.entry.0);
                 kvm(|| fd.set_regs(&r)).map_err(ioctl("KVM_SET_REGS"))?;
             }
-            vcpus.push(Vcpu::new(fd, index, pio.clone(), mmio.clone(), stop.clone()));
+            vcpus.push(Vcpu::new(
+                fd,
+                index,
+                pio.clone(),
+                mmio.clone(),
+                stop.clone(),
+            ));
         }
 
         Ok(Vm {
             vcpus,
-            serial,
             stop,
             signals,
             timeout: plan.timeout,
@@ -285,13 +331,22 @@ impl Vm {
         const SIGNAL: u64 = 1;
         let epoll = Epoll::new().map_err(host_err("epoll"))?;
         epoll
-            .ctl(ControlOperation::Add, self.stop.eventfd().as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))
+            .ctl(
+                ControlOperation::Add,
+                self.stop.eventfd().as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP),
+            )
             .map_err(host_err("epoll"))?;
         epoll
-            .ctl(ControlOperation::Add, self.signals.as_fd().as_raw_fd(), EpollEvent::new(EventSet::IN, SIGNAL))
+            .ctl(
+                ControlOperation::Add,
+                self.signals.as_fd().as_raw_fd(),
+                EpollEvent::new(EventSet::IN, SIGNAL),
+            )
             .map_err(host_err("epoll"))?;
 
-        let devices = device_loop::DeviceLoop::start(Vec::new()).map_err(host_err("device loop"))?;
+        let devices =
+            device_loop::DeviceLoop::start(Vec::new()).map_err(host_err("device loop"))?;
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let t = std::thread::Builder::new()
@@ -313,7 +368,10 @@ impl Vm {
         let mut events = vec![EpollEvent::default(); 2];
         let end = loop {
             let wait_ms = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32,
                 None => -1,
             };
             let n = match epoll.wait(wait_ms, &mut events) {
@@ -324,12 +382,18 @@ impl Vm {
             if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 break Ok(VmEnd::TimedOut);
             }
-            if let Some(sig) = events[..n].iter().find(|e| e.data() == SIGNAL).and_then(|_| self.signals.read_signal().ok().flatten()) {
+            if let Some(sig) = events[..n]
+                .iter()
+                .find(|e| e.data() == SIGNAL)
+                .and_then(|_| self.signals.read_signal().ok().flatten())
+            {
                 break Ok(VmEnd::Signal(sig.ssi_signo as i32));
             }
             if self.stop.is_requested() {
                 break match self.stop.reason() {
-                    Some(StopReason::TripleFault { cpu, rip }) => Err(Error::TripleFault { cpu, rip }),
+                    Some(StopReason::TripleFault { cpu, rip }) => {
+                        Err(Error::TripleFault { cpu, rip })
+                    }
                     Some(StopReason::VcpuFailed(msg)) => Err(Error::Guest(msg)),
                     Some(StopReason::GuestStopped) | None => Ok(VmEnd::GuestStopped),
                 };
@@ -339,7 +403,6 @@ impl Vm {
         self.stop.request_host_stop();
         stop_threads(threads);
         devices.stop();
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
         end
     }
 }

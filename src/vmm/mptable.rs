@@ -57,7 +57,16 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, Error> {
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     for irq in 0..IOAPIC_PINS {
         // Interrupt type, flags (conforming polarity and trigger), source bus/irq, IOAPIC/pin.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
     }
     // LINT0 of the BSP takes the legacy PIC (ExtINT); LINT1 of every CPU takes NMI.
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0, 0]);
@@ -145,10 +154,16 @@ mod tests {
             assert_eq!(off, config.len());
             assert_eq!(cpu_ids.len(), cpus as usize);
             assert_eq!(cpu_ids[0], (0, 0b11));
-            assert!(cpu_ids[1..].iter().enumerate().all(|(i, c)| *c == (i as u8 + 1, 1)));
+            assert!(cpu_ids[1..]
+                .iter()
+                .enumerate()
+                .all(|(i, c)| *c == (i as u8 + 1, 1)));
             assert_eq!(ioapic, Some(cpus));
             assert_eq!(irqs.len(), 24);
-            assert!(irqs.iter().enumerate().all(|(i, e)| *e == (i as u8, cpus, i as u8)));
+            assert!(irqs
+                .iter()
+                .enumerate()
+                .all(|(i, e)| *e == (i as u8, cpus, i as u8)));
         }
     }
 

@@ -1,13 +1,13 @@
 //! Initial vCPU state: segments and paging for the boot protocol's entry mode, general
 //! registers, MSRs, FPU and the local APIC's LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_bindings::kvm_msr_entry;
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::BootProtocol;
 use super::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PD_START, PDPT_START, PML4_START, PVH_INFO_START,
+    BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START, PVH_INFO_START,
     ZERO_PAGE_START,
 };
 
@@ -57,7 +57,11 @@ fn segment(descriptor: u64, selector: u16) -> kvm_segment {
     let granular = (descriptor >> 55) & 1;
     kvm_segment {
         base: ((descriptor >> 16) & 0xff_ffff) | ((descriptor >> 32) & 0xff00_0000),
-        limit: if granular == 1 { (limit << 12) | 0xfff } else { limit },
+        limit: if granular == 1 {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
         selector,
         type_: ((descriptor >> 40) & 0xf) as u8,
         present: ((descriptor >> 47) & 1) as u8,
@@ -103,7 +107,9 @@ pub fn setup_sregs(
     if long_mode {
         mem.write_obj(PDPT_START | PTE_TABLE, GuestAddress(PML4_START))?;
         mem.write_obj(PD_START | PTE_TABLE, GuestAddress(PDPT_START))?;
-        let pd: Vec<u8> = (0..512u64).flat_map(|i| ((i << 21) | PDE_LARGE).to_le_bytes()).collect();
+        let pd: Vec<u8> = (0..512u64)
+            .flat_map(|i| ((i << 21) | PDE_LARGE).to_le_bytes())
+            .collect();
         mem.write_slice(&pd, GuestAddress(PD_START))?;
         sregs.cr3 = PML4_START;
         sregs.cr4 |= X86_CR4_PAE;
@@ -120,7 +126,11 @@ pub fn setup_sregs(
 
 /// General registers at the entry point.
 pub fn boot_regs(protocol: &BootProtocol, entry: u64) -> kvm_regs {
-    let mut regs = kvm_regs { rflags: 0x2, rip: entry, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        ..Default::default()
+    };
     match protocol {
         BootProtocol::Linux64 { .. } => {
             regs.rsp = BOOT_STACK_POINTER;
@@ -135,7 +145,11 @@ pub fn boot_regs(protocol: &BootProtocol, entry: u64) -> kvm_regs {
 /// MSRs every vCPU starts with. IA32_ARCH_CAPABILITIES (0x10a) is deliberately absent: some
 /// KVMs (PVM among them) reject writes to it.
 pub fn boot_msrs() -> Msrs {
-    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     let entries = [
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -154,7 +168,11 @@ pub fn boot_msrs() -> Msrs {
 
 /// FPU state after reset (x87 control word, MXCSR defaults).
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 /// Routes LINT0 to the legacy PIC (ExtINT) and LINT1 to NMI, as firmware would.
@@ -180,7 +198,10 @@ mod tests {
     #[test]
     fn segments_decode_flat_descriptors() {
         let cs = segment(GDT_CODE64, CODE_SELECTOR);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.type_, cs.present), (0, 0xffff_ffff, 1, 0, 0xb, 1));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.type_, cs.present),
+            (0, 0xffff_ffff, 1, 0, 0xb, 1)
+        );
         let cs32 = segment(GDT_CODE32, CODE_SELECTOR);
         assert_eq!((cs32.l, cs32.db, cs32.g), (0, 1, 1));
         let ds = segment(GDT_DATA, DATA_SELECTOR);
@@ -191,7 +212,12 @@ mod tests {
     fn long_mode_gets_identity_tables() {
         let mem = memory::create(32 << 20).unwrap();
         let mut sregs = kvm_sregs::default();
-        setup_sregs(&mem, &BootProtocol::Linux64 { setup_header: None }, &mut sregs).unwrap();
+        setup_sregs(
+            &mem,
+            &BootProtocol::Linux64 { setup_header: None },
+            &mut sregs,
+        )
+        .unwrap();
         assert_eq!(sregs.cr3, PML4_START);
         assert_ne!(sregs.efer & EFER_LMA, 0);
         let pde: u64 = mem.read_obj(GuestAddress(PD_START + 8 * 511)).unwrap();
@@ -203,9 +229,16 @@ mod tests {
     #[test]
     fn pvh_starts_in_flat_protected_mode() {
         let mem = memory::create(32 << 20).unwrap();
-        let mut sregs = kvm_sregs { cr4: 0x20, efer: 0x500, ..Default::default() };
+        let mut sregs = kvm_sregs {
+            cr4: 0x20,
+            efer: 0x500,
+            ..Default::default()
+        };
         setup_sregs(&mem, &BootProtocol::Pvh, &mut sregs).unwrap();
-        assert_eq!((sregs.cr0, sregs.cr4, sregs.efer), (X86_CR0_PE | X86_CR0_ET, 0, 0));
+        assert_eq!(
+            (sregs.cr0, sregs.cr4, sregs.efer),
+            (X86_CR0_PE | X86_CR0_ET, 0, 0)
+        );
         assert_eq!(sregs.cs.db, 1);
         assert_eq!(boot_regs(&BootProtocol::Pvh, 0x100000).rbx, PVH_INFO_START);
     }

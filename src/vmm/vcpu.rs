@@ -8,7 +8,9 @@ use std::ptr::null_mut;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -59,8 +61,20 @@ enum Next {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(fd: VcpuFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, stop: Arc<StopSignal>) -> Self {
-        Vcpu { fd, index, pio, mmio, stop }
+    pub fn new(
+        fd: VcpuFd,
+        index: u8,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        stop: Arc<StopSignal>,
+    ) -> Self {
+        Vcpu {
+            fd,
+            index,
+            pio,
+            mmio,
+            stop,
+        }
     }
 
     /// Runs the guest until the VM is asked to stop or this vCPU hits a fatal exit.
@@ -144,6 +158,9 @@ impl Vcpu {
             Ok(r) => format!(" at rip {:#x}", r.rip),
             Err(_) => String::new(),
         };
-        Next::Stop(StopReason::VcpuFailed(format!("vCPU {}: {what}{at}", self.index)))
+        Next::Stop(StopReason::VcpuFailed(format!(
+            "vCPU {}: {what}{at}",
+            self.index
+        )))
     }
 }

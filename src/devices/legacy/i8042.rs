@@ -16,7 +16,9 @@ const COMMAND_OFFSET: u64 = 4;
 impl<T: Trigger> I8042<T> {
     /// A controller whose reset line fires `reset`.
     pub fn new(reset: T) -> Self {
-        I8042 { inner: vm_superio::I8042Device::new(reset) }
+        I8042 {
+            inner: vm_superio::I8042Device::new(reset),
+        }
     }
 }
 

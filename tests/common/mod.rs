@@ -1,0 +1,144 @@
+//! Shared harness for integration tests: builds the bare-metal test guests once, runs
+//! `microvm`, and skips KVM tests loudly where /dev/kvm is missing.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `microvm` binary under test.
+pub fn microvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_microvm"))
+}
+
+/// True when /dev/kvm exists; otherwise prints a loud skip line for `test`.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: /dev/kvm is missing on this host, so this test cannot boot a guest");
+    false
+}
+
+/// Directory holding the built test guests (pvh.elf, linux64.elf, bzimage, marker.elf).
+///
+/// Test binaries run in parallel processes, so the build is serialised with a file lock and
+/// `make` itself is incremental.
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
+        std::fs::create_dir_all(&out).unwrap();
+        let lock = File::create(out.join(".lock")).unwrap();
+        lock.lock().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+        let status = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(&src)
+            .arg(format!("OUT={}", out.display()))
+            .status()
+            .expect("cannot run make: install make and gcc");
+        assert!(status.success(), "building the test guests failed");
+        lock.unlock().unwrap();
+        out
+    })
+}
+
+/// Path of one test guest.
+pub fn guest(name: &str) -> PathBuf {
+    guests().join(name)
+}
+
+/// Everything a finished run left behind.
+pub struct Run {
+    /// Exit status code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard error: the guest console and microvm's own messages.
+    pub stderr: String,
+}
+
+impl Run {
+    /// The guest's lines starting with `prefix`.
+    pub fn lines(&self, prefix: &str) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    }
+
+    /// The single line starting with `prefix`; panics with the whole output otherwise.
+    pub fn line(&self, prefix: &str) -> &str {
+        let found = self.lines(prefix);
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one line starting with {prefix:?} in:\n{}",
+            self.stderr
+        );
+        found[0]
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `microvm boot` with `args` (a 30 s guard against hangs is added).
+pub fn boot(args: &[&str]) -> Run {
+    let mut cmd = microvm();
+    cmd.arg("boot").args(args);
+    if !args.iter().any(|a| a.starts_with("--timeout")) {
+        cmd.args(["--timeout", "30"]);
+    }
+    cmd.output().expect("cannot run microvm").into()
+}
+
+/// 32-bit FNV-1a, as the test guests compute it over the initrd.
+pub fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ *b as u32).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A scratch file with `bytes`, removed when the returned guard drops.
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    /// Writes `bytes` to a fresh file named after `name`.
+    pub fn new(name: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("microvm-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        TempFile(path)
+    }
+
+    /// The path as a string.
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
