@@ -4,7 +4,8 @@ use super::VmEnd;
 use crate::plan::VmPlan;
 use crate::vmm::{Error, Vm};
 
-/// Builds the VM described by `plan` and runs it to its end.
+/// Builds the VM described by `plan` and runs it to its end. The caller exits right after, so
+/// the kernel's VM teardown is left to a keeper process (see `vmm::teardown`).
 pub fn run(plan: &VmPlan) -> Result<VmEnd, Error> {
-    Vm::build(plan)?.run()
+    Vm::build(plan)?.defer_teardown().run()
 }
