@@ -5,7 +5,10 @@ use crate::plan::VmPlan;
 use crate::vmm::{Error, Vm};
 
 /// Builds the VM described by `plan` and runs it to its end. The caller exits right after, so
-/// the kernel's VM teardown is left to a keeper process (see `vmm::teardown`).
+/// the kernel's VM teardown is left to a keeper process (see `vmm::teardown`), unless
+/// `MICROVM_SYNC_TEARDOWN=1` asks to wait for it (for benchmarks and debugging).
 pub fn run(plan: &VmPlan) -> Result<VmEnd, Error> {
-    Vm::build(plan)?.defer_teardown().run()
+    let vm = Vm::build(plan)?;
+    let sync = std::env::var_os("MICROVM_SYNC_TEARDOWN").is_some_and(|v| v == "1");
+    if sync { vm } else { vm.defer_teardown() }.run()
 }
