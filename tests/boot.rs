@@ -449,3 +449,28 @@ fn info_reports_kvm() {
         assert_eq!(text.contains("PVM"), pvm, "{text}");
     }
 }
+
+#[test]
+fn unemulated_instruction_names_the_guest_rip() {
+    if !kvm_or_skip("unemulated_instruction_names_the_guest_rip") {
+        return;
+    }
+    let run = boot(&[
+        "--kernel",
+        guest("pvh.elf").to_str().unwrap(),
+        "--cmdline",
+        "mode=cx16",
+    ]);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // PVM emulates guest ring 0 and has no cmpxchg16b: a clear error, not a hang.
+        assert_eq!(run.code, Some(125), "{}", run.stderr);
+        let err = run.line("microvm: ");
+        assert!(
+            err.starts_with("microvm: the guest failed: vCPU 0: KVM internal error 1 (instruction emulation failed) at rip 0x"),
+            "{err}"
+        );
+    } else {
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+        assert_eq!(run.line("cx16: survived"), "cx16: survived pair=1,2");
+    }
+}

@@ -208,12 +208,12 @@ fn load_guest(
     Ok(kernel)
 }
 
-/// COM1, the i8042 reset line and the boot marker on the port bus; an MMIO bus for what comes.
+/// The port bus with COM1, the i8042 reset line and the boot marker.
 fn legacy_devices(
     vm: &VmFd,
     console: Box<dyn Write + Send>,
     stop: &Arc<StopSignal>,
-) -> Result<(Arc<Bus>, Arc<Bus>), Error> {
+) -> Result<Arc<Bus>, Error> {
     let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial irq eventfd"))?;
     kvm(|| vm.register_irqfd(&com1_irq, COM1_IRQ)).map_err(ioctl("KVM_IRQFD"))?;
     let mut pio = Bus::new();
@@ -225,21 +225,18 @@ fn legacy_devices(
     let i8042 = I8042::new(ResetLine(stop.clone()));
     pio.insert(Arc::new(Mutex::new(i8042)), I8042_DATA_PORT as u64, 5)?;
     pio.insert(Arc::new(Mutex::new(BootMarker)), BOOT_MARKER_PORT as u64, 1)?;
-    Ok((Arc::new(pio), Arc::new(Bus::new())))
+    Ok(Arc::new(pio))
 }
 
 /// Creates and configures every vCPU; the boot CPU gets the entry state, the others wait for
 /// INIT/SIPI from the guest as on hardware.
-#[allow(clippy::too_many_arguments)]
 fn create_vcpus(
     kvm_sys: &Kvm,
     vm: &VmFd,
     memory: &GuestMemoryMmap,
     kernel: &boot::LoadedKernel,
     count: u8,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    stop: &Arc<StopSignal>,
+    wiring: &vcpu::Wiring,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported = kvm(|| kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
@@ -273,13 +270,7 @@ fn create_vcpus(
             let r = regs::boot_regs(&kernel.protocol, kernel.entry.0);
             kvm(|| fd.set_regs(&r)).map_err(ioctl("KVM_SET_REGS"))?;
         }
-        vcpus.push(Vcpu::new(
-            fd,
-            index,
-            pio.clone(),
-            mmio.clone(),
-            stop.clone(),
-        ));
+        vcpus.push(Vcpu::new(fd, index, wiring.clone()));
     }
     Ok(vcpus)
 }
@@ -345,8 +336,13 @@ impl Vm {
 
         let kernel = load_guest(&memory, plan, &mut kernel_file, initrd)?;
         let stop = Arc::new(StopSignal::new().map_err(host_err("stop eventfd"))?);
-        let (pio, mmio) = legacy_devices(&vm, console, &stop)?;
-        let vcpus = create_vcpus(&kvm_sys, &vm, &memory, &kernel, plan.cpus, pio, mmio, &stop)?;
+        let pio = legacy_devices(&vm, console, &stop)?;
+        let wiring = vcpu::Wiring {
+            pio,
+            mmio: Arc::new(Bus::new()),
+            stop: stop.clone(),
+        };
+        let vcpus = create_vcpus(&kvm_sys, &vm, &memory, &kernel, plan.cpus, &wiring)?;
 
         Ok(Vm {
             vcpus,

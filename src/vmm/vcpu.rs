@@ -44,13 +44,22 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), handle_kick)
 }
 
+/// What every vCPU shares: the buses its exits dispatch to and the VM's stop signal.
+#[derive(Clone)]
+pub struct Wiring {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Raised to stop the VM; checked before every guest entry.
+    pub stop: Arc<StopSignal>,
+}
+
 /// One virtual CPU, ready to run on its own thread.
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    stop: Arc<StopSignal>,
+    wiring: Wiring,
 }
 
 /// What the run loop does after one exit.
@@ -61,20 +70,8 @@ enum Next {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(
-        fd: VcpuFd,
-        index: u8,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        stop: Arc<StopSignal>,
-    ) -> Self {
-        Vcpu {
-            fd,
-            index,
-            pio,
-            mmio,
-            stop,
-        }
+    pub fn new(fd: VcpuFd, index: u8, wiring: Wiring) -> Self {
+        Vcpu { fd, index, wiring }
     }
 
     /// Runs the guest until the VM is asked to stop or this vCPU hits a fatal exit.
@@ -83,9 +80,9 @@ impl Vcpu {
         if self.index == 0 {
             crate::timing::mark_setup_done();
         }
-        while !self.stop.is_requested() {
+        while !self.wiring.stop.is_requested() {
             if let Next::Stop(reason) = self.run_once() {
-                self.stop.request(reason);
+                self.wiring.stop.request(reason);
             }
         }
         KVM_RUN.with(|r| r.set(null_mut()));
@@ -95,23 +92,23 @@ impl Vcpu {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !self.pio.write(port as u64, data) {
+                if !self.wiring.pio.write(port as u64, data) {
                     tracing::trace!("vCPU {index}: write to unclaimed port {port:#x}");
                 }
                 Next::Continue
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                self.pio.read(port as u64, data);
+                self.wiring.pio.read(port as u64, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if !self.mmio.write(addr, data) {
+                if !self.wiring.mmio.write(addr, data) {
                     tracing::trace!("vCPU {index}: write to unclaimed MMIO {addr:#x}");
                 }
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.mmio.read(addr, data);
+                self.wiring.mmio.read(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {

@@ -527,6 +527,19 @@ void guest_main(int boot, uint64_t info)
 		print("spin: spinning forever\n");
 		__asm__ volatile("1: jmp 1b");
 		__builtin_unreachable();
+	} else if (streq(mode, "cx16")) {
+		/*
+		 * A ring-0 cmpxchg16b: hardware KVM runs it, PVM's instruction
+		 * emulator cannot, which must end the VMM with a clear error.
+		 */
+		static volatile uint64_t pair[2] __attribute__((aligned(16)));
+		uint64_t lo = 0, hi = 0;
+
+		print("cx16: executing cmpxchg16b\n");
+		__asm__ volatile("lock cmpxchg16b %0"
+				 : "+m"(*pair), "+a"(lo), "+d"(hi)
+				 : "b"(1ULL), "c"(2ULL) : "memory", "cc");
+		print("cx16: survived pair=%lx,%lx\n", (unsigned long)pair[0], (unsigned long)pair[1]);
 	} else if (streq(mode, "exit")) {
 		print("exit: writing 0xf4\n");
 		outb(PORT_DEBUG_EXIT, 0);
