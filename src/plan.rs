@@ -17,6 +17,20 @@ pub enum Console {
     File(PathBuf),
 }
 
+/// Guest context id of every VM: each VM has its own vsock device, so they need not differ.
+pub const GUEST_CID: u32 = 3;
+
+/// A virtio-vsock device in Firecracker's hybrid style: the guest's vsock ports meet host Unix
+/// sockets. The host connects to `uds_path` and writes `CONNECT <port>\n` to reach a guest port;
+/// a guest connecting to CID 2 port P reaches the host socket `<uds_path>_P`.
+#[derive(Debug, Clone)]
+pub struct VsockPlan {
+    /// The guest's context id.
+    pub guest_cid: u32,
+    /// Host-side Unix socket path (and prefix for guest-initiated connections).
+    pub uds_path: PathBuf,
+}
+
 /// Everything a backend needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmPlan {
@@ -34,4 +48,6 @@ pub struct VmPlan {
     pub timeout: Option<Duration>,
     /// Where the serial console goes.
     pub console: Console,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockPlan>,
 }

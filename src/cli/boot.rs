@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::backend::{self, VmEnd};
-use crate::plan::{Console, VmPlan};
+use crate::plan::{Console, VmPlan, VsockPlan, GUEST_CID};
 
 /// Default kernel command line: console on COM1, reboot through the i8042, no reboot on panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -36,6 +36,10 @@ pub struct BootArgs {
     /// Write the guest console to this file instead of standard error.
     #[arg(long, value_name = "PATH")]
     pub console_log: Option<PathBuf>,
+    /// Give the guest a virtio-vsock device whose ports meet host Unix sockets at PATH
+    /// (host to guest: connect to PATH, send `CONNECT <port>`; guest to host port P: PATH_P).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// Runs `microvm boot`; returns the exit status.
@@ -62,6 +66,7 @@ pub fn run(args: BootArgs) -> i32 {
         memory_mib: args.memory,
         timeout,
         console: args.console_log.map_or(Console::Stderr, Console::File),
+        vsock: args.vsock_uds.map(|uds_path| VsockPlan { guest_cid: GUEST_CID, uds_path }),
     };
     match backend::kvm::run(&plan) {
         Ok(VmEnd::GuestStopped) => 0,
