@@ -66,7 +66,10 @@ pub fn run(args: BootArgs) -> i32 {
         memory_mib: args.memory,
         timeout,
         console: args.console_log.map_or(Console::Stderr, Console::File),
-        vsock: args.vsock_uds.map(|uds_path| VsockPlan { guest_cid: GUEST_CID, uds_path }),
+        vsock: args.vsock_uds.map(|uds_path| VsockPlan {
+            guest_cid: GUEST_CID,
+            uds_path,
+        }),
     };
     match backend::kvm::run(&plan) {
         Ok(VmEnd::GuestStopped) => 0,

@@ -28,6 +28,8 @@ const HDRS_MAGIC: u32 = 0x5372_6448;
 const LOADER_UNDEFINED: u8 = 0xff;
 const KERNEL_ALIGNMENT: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// xloadflags bit: the bzImage has a 64-bit entry point.
+const XLF_KERNEL_64: u16 = 1;
 /// A bzImage's 64-bit entry point lies this far into its protected-mode part.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const PAGE_SIZE: u64 = 4096;
@@ -40,6 +42,11 @@ pub enum Error {
     /// Neither ELF nor bzImage.
     #[error("the kernel is neither an ELF vmlinux nor a bzImage")]
     UnknownKernelFormat,
+    /// A bzImage without the 64-bit entry point (boot protocol 2.12 and XLF_KERNEL_64).
+    #[error(
+        "the bzImage has no 64-bit entry point (needs boot protocol 2.12+ with XLF_KERNEL_64)"
+    )]
+    No64BitEntry,
     /// The loader rejected the image.
     #[error("cannot load the kernel: {0}")]
     Load(#[from] linux_loader::loader::Error),
@@ -129,18 +136,36 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
         });
     }
     match BzImage::load(mem, None, kernel, himem) {
-        Ok(r) => Ok(LoadedKernel {
-            entry: r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
-            end: r.kernel_end,
-            protocol: BootProtocol::Linux64 {
-                setup_header: r.setup_header,
-            },
-        }),
+        Ok(r) => {
+            let header = r.setup_header.ok_or(Error::UnknownKernelFormat)?;
+            if header.version < 0x020c || header.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(Error::No64BitEntry);
+            }
+            Ok(LoadedKernel {
+                entry: r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+                end: bzimage_end(&header, r.kernel_load.0, r.kernel_end),
+                protocol: BootProtocol::Linux64 {
+                    setup_header: Some(header),
+                },
+            })
+        }
         Err(linux_loader::loader::Error::Bzimage(
             linux_loader::loader::bzimage::Error::InvalidBzImage,
         )) => Err(Error::UnknownKernelFormat),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The end of the memory a bzImage uses while it boots: it decompresses itself into a window of
+/// `init_size` bytes starting at its load address rounded up to its alignment (or at its
+/// preferred address, if higher), which can reach far past the compressed image.
+fn bzimage_end(h: &setup_header, load: u64, image_end: u64) -> u64 {
+    let align = u64::from(h.kernel_alignment).max(1);
+    let start = load
+        .div_ceil(align)
+        .saturating_mul(align)
+        .max(h.pref_address);
+    image_end.max(start.saturating_add(u64::from(h.init_size)))
 }
 
 /// Checks the command line fits the x86 limit (with its NUL) and has no NUL inside.
@@ -327,6 +352,23 @@ mod tests {
         bytes.resize(40, 0);
         let mut f = temp_file("elf", &bytes);
         assert!(matches!(load_kernel(&mem, &mut f), Err(Error::Load(_))));
+    }
+
+    #[test]
+    fn bzimage_decompression_window_is_kept_free() {
+        let h = setup_header {
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            init_size: 45 << 20,
+            ..Default::default()
+        };
+        // Loaded at 1 MiB, 8 MiB of compressed image: it still needs 16 MiB + 45 MiB.
+        assert_eq!(bzimage_end(&h, 0x10_0000, 9 << 20), (16 + 45) << 20);
+        let low = setup_header {
+            init_size: 1 << 20,
+            ..Default::default()
+        };
+        assert_eq!(bzimage_end(&low, 0x10_0000, 5 << 20), 5 << 20);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! CPUID for a guest vCPU: what KVM supports, with the hypervisor bit set, the PMU hidden and the
 //! topology (one socket, `count` cores, one thread each) and APIC ids made consistent.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// The host CPU vendor, which decides the topology leaves a guest reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +59,9 @@ fn bits_for(n: u32) -> u32 {
     }
 }
 
-/// Adjusts KVM's supported CPUID `entries` in place for one vCPU.
-pub fn filter(entries: &mut [kvm_cpuid_entry2], vendor: Vendor, t: VcpuTopology) {
+/// Adjusts KVM's supported CPUID `entries` for one vCPU.
+pub fn filter(entries: &mut Vec<kvm_cpuid_entry2>, vendor: Vendor, t: VcpuTopology) {
+    add_topology_subleaves(entries);
     let id = t.index as u32;
     let count = t.count as u32;
     let core_bits = bits_for(count);
@@ -134,6 +135,30 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], vendor: Vendor, t: VcpuTopology)
                 e.ecx = 0;
             }
             _ => {}
+        }
+    }
+}
+
+/// KVM reports only subleaf 0 of the extended topology leaves (0xb, 0x1f); without the core
+/// level (subleaf 1) and the terminating subleaf 2, Linux would put every vCPU in its own
+/// package. Adds whichever is missing, for each of those leaves KVM reports at all.
+fn add_topology_subleaves(entries: &mut Vec<kvm_cpuid_entry2>) {
+    for leaf in [0xb, 0x1f] {
+        if !entries.iter().any(|e| e.function == leaf) {
+            continue;
+        }
+        for index in 0..3 {
+            if !entries
+                .iter()
+                .any(|e| e.function == leaf && e.index == index)
+            {
+                entries.push(kvm_cpuid_entry2 {
+                    function: leaf,
+                    index,
+                    flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                });
+            }
         }
     }
 }
@@ -218,6 +243,37 @@ mod tests {
         assert_eq!(t[1].edx & LEAF1_EDX_HTT, 0);
         assert_eq!(t[1].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         assert_eq!(t[4].eax, 0);
+    }
+
+    #[test]
+    fn missing_core_level_is_added() {
+        // What KVM really returns: subleaf 0 of leaf 0xb only, zeroed.
+        let mut t = vec![entry(0xb, 0)];
+        filter(
+            &mut t,
+            Vendor::Intel,
+            VcpuTopology {
+                index: 1,
+                count: 2,
+                tsc_deadline: false,
+            },
+        );
+        let find = |i| {
+            t.iter()
+                .find(|e| e.function == 0xb && e.index == i)
+                .copied()
+                .unwrap()
+        };
+        assert_eq!(
+            (find(1).eax, find(1).ebx, find(1).ecx, find(1).edx),
+            (1, 2, 0x201, 1)
+        );
+        assert_eq!(find(1).flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+        assert_eq!((find(2).ebx, find(2).ecx), (0, 2));
+        assert!(
+            !t.iter().any(|e| e.function == 0x1f),
+            "absent leaves stay absent"
+        );
     }
 
     #[test]

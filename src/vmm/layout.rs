@@ -1,9 +1,9 @@
 //! Guest physical address map: where the VMM puts boot structures and where the MMIO gap lies.
 
-/// GDT used for the initial mode (flat segments).
+/// GDT used for the initial mode (flat segments; five entries, up to 0x528).
 pub const GDT_START: u64 = 0x500;
 /// Empty IDT: the guest installs its own before enabling interrupts.
-pub const IDT_START: u64 = 0x520;
+pub const IDT_START: u64 = 0x540;
 /// PVH `hvm_start_info`.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// PVH module list (the initrd).

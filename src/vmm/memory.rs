@@ -37,9 +37,37 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Maps guest RAM of `size` bytes (no page is touched).
-pub fn create(size: u64) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size))
+/// Errors mapping guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The mapping failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+    /// madvise failed.
+    #[error("cannot advise guest memory: {0}")]
+    Advise(std::io::Error),
+}
+
+/// Maps guest RAM of `size` bytes (no page is touched). The mapping is not inherited by forked
+/// children: the teardown keeper needs none of it, and copying its page tables would be slow.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let memory = GuestMemoryMmap::from_ranges(&ram_ranges(size))?;
+    for region in memory.iter() {
+        // SAFETY: advises on exactly the live mapping `region` owns; MADV_DONTFORK changes no
+        // contents and no permissions in this process.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTFORK,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Advise(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(memory)
 }
 
 /// The memory map the guest sees (E820 for Linux, the PVH memmap for PVH).

@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
@@ -85,8 +86,8 @@ pub enum Error {
     #[error("this KVM lacks {0}, which microvm needs")]
     MissingCap(&'static str),
     /// Guest RAM could not be mapped.
-    #[error("cannot map guest memory: {0}")]
-    Memory(#[from] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
     /// Kernel, initrd or boot information.
     #[error(transparent)]
     Boot(#[from] boot::Error),
@@ -125,7 +126,8 @@ fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
 
 /// A VM ready to run: memory loaded, devices placed, vCPUs configured.
 pub struct Vm {
-    // Field order is drop order: vCPU fds and the VM fd close before the memory is unmapped.
+    // Field order is drop order: the VM fd closes before the memory is unmapped (unless a
+    // teardown keeper holds the VM on, by which time no vCPU can touch guest memory).
     vcpus: Vec<Vcpu>,
     stop: Arc<StopSignal>,
     signals: SignalFd,
@@ -174,7 +176,8 @@ fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
             flags: 0,
         };
         // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `memory`,
-        // which the Vm keeps until after the VM fd is closed.
+        // which the Vm keeps while any vCPU can run; KVM drops its own references to the pages
+        // when the mapping goes (MMU notifiers), so a VM outliving it cannot reach freed memory.
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -246,13 +249,19 @@ fn create_vcpus(
     let mut vcpus = Vec::with_capacity(count as usize);
     for index in 0..count {
         let fd = kvm(|| vm.create_vcpu(index as u64)).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let mut cpuid = supported.clone();
+        let mut entries = supported.as_slice().to_vec();
         let topology = cpuid::VcpuTopology {
             index,
             count,
             tsc_deadline,
         };
-        cpuid::filter(cpuid.as_mut_slice(), vendor, topology);
+        cpuid::filter(&mut entries, vendor, topology);
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| {
+            Error::Host(format!(
+                "{} CPUID entries are more than KVM takes",
+                entries.len()
+            ))
+        })?;
         kvm(|| fd.set_cpuid2(&cpuid)).map_err(ioctl("KVM_SET_CPUID2"))?;
         let written = kvm(|| fd.set_msrs(&msrs)).map_err(ioctl("KVM_SET_MSRS"))?;
         if written != msrs.as_slice().len() {
@@ -407,9 +416,11 @@ impl Vm {
         let mut events = vec![EpollEvent::default(); 2];
         let end = loop {
             let wait_ms = match deadline {
+                // Rounded up: a 0 ms wait with time left would spin.
                 Some(d) => d
                     .saturating_duration_since(Instant::now())
-                    .as_millis()
+                    .as_micros()
+                    .div_ceil(1000)
                     .min(i32::MAX as u128) as i32,
                 None => -1,
             };
@@ -451,13 +462,24 @@ impl Vm {
     }
 }
 
-/// Kicks every vCPU thread out of KVM_RUN (the stop flag is already set) and joins it.
+/// Kicks every vCPU thread out of KVM_RUN (the stop flag is already set) and joins it. A vCPU
+/// stuck outside KVM (say, writing console output nobody reads) is left behind after a grace
+/// period rather than holding the process: it re-checks the stop flag before it could run again.
 fn stop_threads(threads: Vec<std::thread::JoinHandle<()>>) {
+    const GRACE: Duration = Duration::from_secs(5);
+    let started = Instant::now();
     for t in &threads {
         // The thread may have ended already; a failed kick is then harmless.
         let _ = t.kill(vcpu::kick_signal());
     }
     for t in threads {
-        let _ = t.join();
+        while !t.is_finished() && started.elapsed() < GRACE {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            tracing::warn!("a vCPU thread did not stop within {GRACE:?}; leaving it behind");
+        }
     }
 }

@@ -18,14 +18,15 @@ const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-// Flat descriptors: null, code, data, TSS. Code is 64-bit (L) or 32-bit (D/B).
+// Flat descriptors at the selectors the Linux boot protocol names (__BOOT_CS 0x10, __BOOT_DS
+// 0x18), then a TSS. Code is 64-bit (L) or 32-bit (D/B).
 const GDT_CODE64: u64 = 0x00af_9b00_0000_ffff;
 const GDT_CODE32: u64 = 0x00cf_9b00_0000_ffff;
 const GDT_DATA: u64 = 0x00cf_9300_0000_ffff;
 const GDT_TSS: u64 = 0x008f_8b00_0000_ffff;
-const CODE_SELECTOR: u16 = 0x08;
-const DATA_SELECTOR: u16 = 0x10;
-const TSS_SELECTOR: u16 = 0x18;
+const CODE_SELECTOR: u16 = 0x10;
+const DATA_SELECTOR: u16 = 0x18;
+const TSS_SELECTOR: u16 = 0x20;
 
 // Present, writable, 2 MiB page.
 const PDE_LARGE: u64 = 0x83;
@@ -85,7 +86,7 @@ pub fn setup_sregs(
 ) -> Result<(), vm_memory::GuestMemoryError> {
     let long_mode = matches!(protocol, BootProtocol::Linux64 { .. });
     let code = if long_mode { GDT_CODE64 } else { GDT_CODE32 };
-    let gdt = [0, code, GDT_DATA, GDT_TSS];
+    let gdt = [0, 0, code, GDT_DATA, GDT_TSS];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT_START + 8 * i as u64))?;
     }
@@ -222,8 +223,18 @@ mod tests {
         assert_ne!(sregs.efer & EFER_LMA, 0);
         let pde: u64 = mem.read_obj(GuestAddress(PD_START + 8 * 511)).unwrap();
         assert_eq!(pde, (511 << 21) | PDE_LARGE);
-        let gdt1: u64 = mem.read_obj(GuestAddress(GDT_START + 8)).unwrap();
-        assert_eq!(gdt1, GDT_CODE64);
+        let code: u64 = mem
+            .read_obj(GuestAddress(GDT_START + CODE_SELECTOR as u64))
+            .unwrap();
+        assert_eq!(code, GDT_CODE64);
+        let data: u64 = mem
+            .read_obj(GuestAddress(GDT_START + DATA_SELECTOR as u64))
+            .unwrap();
+        assert_eq!(data, GDT_DATA);
+        assert_eq!(
+            (sregs.cs.selector, sregs.ds.selector, sregs.tr.selector),
+            (0x10, 0x18, 0x20)
+        );
     }
 
     #[test]

@@ -10,14 +10,13 @@ use std::os::fd::{AsRawFd, RawFd};
 /// end-of-file when we exit, not when the keeper does.
 pub fn defer(vm_fd: RawFd) -> std::io::Result<()> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let r = read_end.as_raw_fd();
-    let (low, high) = (r.min(vm_fd) as u32, r.max(vm_fd) as u32);
+    let (r, w) = (read_end.as_raw_fd(), write_end.as_raw_fd());
     // SAFETY: the child calls only async-signal-safe functions (close_range, read, _exit), as
     // required after fork in a multi-threaded process, and never returns into Rust code.
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
         // SAFETY: this is the forked child, which the function below never lets return.
-        0 => unsafe { keep_until_parent_exits(r, low, high) },
+        0 => unsafe { keep_until_parent_exits(r, w, vm_fd) },
         _ => {
             // Closed by the kernel when this process exits, releasing the keeper.
             std::mem::forget(write_end);
@@ -26,22 +25,36 @@ pub fn defer(vm_fd: RawFd) -> std::io::Result<()> {
     }
 }
 
-/// The keeper's whole life: close every descriptor but `r` and the VM's, wait for EOF on `r`,
-/// exit. `low` and `high` are the two kept descriptors in order.
+/// The keeper's whole life: close every descriptor but `r` and `vm_fd` (the write end `w`
+/// first, or EOF would never come), wait for EOF on `r`, exit.
 ///
 /// # Safety
 /// Call only in a freshly forked child; it uses async-signal-safe calls alone and never returns.
-unsafe fn keep_until_parent_exits(r: RawFd, low: u32, high: u32) -> ! {
-    // SAFETY: close_range only closes descriptors of this process, none of which Rust code
-    // will touch again: the child never returns from this function.
+unsafe fn keep_until_parent_exits(r: RawFd, w: RawFd, vm_fd: RawFd) -> ! {
+    // SAFETY: these calls only close descriptors of this process, none of which Rust code will
+    // touch again (the child never returns from this function), and name the process.
     unsafe {
-        if low > 0 {
-            libc::close_range(0, low - 1, 0);
+        libc::close(w);
+        libc::prctl(libc::PR_SET_NAME, c"microvm-keeper".as_ptr());
+        let (low, high) = (r.min(vm_fd) as u32, r.max(vm_fd) as u32);
+        let mut ok = low == 0 || libc::close_range(0, low - 1, 0) == 0;
+        ok &= high == low + 1 || libc::close_range(low + 1, high - 1, 0) == 0;
+        ok &= libc::close_range(high + 1, u32::MAX, 0) == 0;
+        if !ok {
+            // No close_range (old kernel, seccomp): close one by one up to the fd limit.
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur.min(1 << 20) as i32
+            } else {
+                1024
+            };
+            for fd in (0..max).filter(|fd| *fd != r && *fd != vm_fd) {
+                libc::close(fd);
+            }
         }
-        if high > low + 1 {
-            libc::close_range(low + 1, high - 1, 0);
-        }
-        libc::close_range(high + 1, u32::MAX, 0);
     }
     let mut byte = 0u8;
     // read() returns 0 once the parent's write end is gone, that is once the parent has exited.

@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::ptr::null_mut;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -34,9 +34,8 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
         // SAFETY: `run` is this thread's kvm_run mapping, set by `Vcpu::run` while the VcpuFd
         // (and so the mapping) is alive and cleared before it is dropped; the signal is delivered
         // on this same thread, so nothing else writes the field concurrently from Rust.
-        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
     }
-    fence(Ordering::Release);
 }
 
 /// Installs the kick handler; call once before vCPU threads start.
@@ -53,6 +52,15 @@ pub struct Wiring {
     pub mmio: Arc<Bus>,
     /// Raised to stop the VM; checked before every guest entry.
     pub stop: Arc<StopSignal>,
+}
+
+/// The width of one access of the current port I/O exit (1, 2 or 4).
+fn io_size(run: *mut kvm_run) -> usize {
+    // SAFETY: `run` is this thread's live kvm_run mapping and KVM filled its `io` member for
+    // the exit being handled; `size` lies in the header, apart from the data bytes borrowed by
+    // the exit, and is only read.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    usize::from(size).clamp(1, 8)
 }
 
 /// One virtual CPU, ready to run on its own thread.
@@ -76,29 +84,37 @@ impl Vcpu {
 
     /// Runs the guest until the VM is asked to stop or this vCPU hits a fatal exit.
     pub fn run(mut self) {
-        KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let run = self.fd.get_kvm_run() as *mut kvm_run;
+        KVM_RUN.with(|r| r.set(run));
         if self.index == 0 {
             crate::timing::mark_setup_done();
         }
         while !self.wiring.stop.is_requested() {
-            if let Next::Stop(reason) = self.run_once() {
+            if let Next::Stop(reason) = self.run_once(run) {
                 self.wiring.stop.request(reason);
             }
         }
         KVM_RUN.with(|r| r.set(null_mut()));
     }
 
-    fn run_once(&mut self) -> Next {
+    /// One guest entry and the handling of its exit. `run` is this vCPU's kvm_run mapping.
+    fn run_once(&mut self, run: *mut kvm_run) -> Next {
         let index = self.index;
         match self.fd.run() {
+            // String I/O (`rep outsb` and friends) arrives as `count` accesses of `size` bytes
+            // to the same port, packed together: hand them to the device one by one.
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !self.wiring.pio.write(port as u64, data) {
-                    tracing::trace!("vCPU {index}: write to unclaimed port {port:#x}");
+                for access in data.chunks(io_size(run)) {
+                    if !self.wiring.pio.write(port as u64, access) {
+                        tracing::trace!("vCPU {index}: write to unclaimed port {port:#x}");
+                    }
                 }
                 Next::Continue
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                self.wiring.pio.read(port as u64, data);
+                for access in data.chunks_mut(io_size(run)) {
+                    self.wiring.pio.read(port as u64, access);
+                }
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
@@ -141,8 +157,11 @@ impl Vcpu {
                 self.failed(&format!("unexpected KVM exit {what}"))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked: clear the flag so the next entry runs the guest (if still wanted).
+                // Kicked: clear the flag so the next entry runs the guest (if still wanted). The
+                // clear must stay before the stop check in `run`, or a kick landing between them
+                // would be lost; a compiler fence keeps the two in order.
                 self.fd.set_kvm_immediate_exit(0);
+                compiler_fence(Ordering::SeqCst);
                 Next::Continue
             }
             Err(e) => self.failed(&format!("KVM_RUN failed: {e}")),

@@ -376,6 +376,27 @@ static void start_aps(uint64_t lapic_addr, unsigned expected)
 	print("smp: aps_started=%u expected=%u\n", *count, expected);
 }
 
+static void cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4])
+{
+	__asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
+}
+
+/* What Linux derives the package topology from: leaf 0xb's core level and leaf 1. */
+static void print_topology(void)
+{
+	uint32_t r[4];
+
+	cpuid(1, 0, r);
+	print("cpuid: leaf1 apic_id=%u logical=%u\n", r[1] >> 24, (r[1] >> 16) & 0xff);
+	cpuid(0, 0, r);
+	if (r[0] < 0xb) {
+		print("cpuid: no leaf 0xb\n");
+		return;
+	}
+	cpuid(0xb, 1, r);
+	print("cpuid: leaf 0xb core level type=%u count=%u shift=%u\n", (r[2] >> 8) & 0xff, r[1] & 0xffff, r[0] & 0x1f);
+}
+
 static void mode_smp(const struct boot *b)
 {
 	uint64_t ebda = (uint64_t)rd16(phys(0x40e), 0) << 4;
@@ -387,6 +408,7 @@ static void mode_smp(const struct boot *b)
 	uint8_t seen[32] = { 0 };	/* bitmap of src_bus_irq values */
 	char val[8];
 
+	print_topology();
 	if (ebda)
 		fp = mp_scan(ebda, 1024);
 	if (!fp)
@@ -527,6 +549,18 @@ void guest_main(int boot, uint64_t info)
 		print("spin: spinning forever\n");
 		__asm__ volatile("1: jmp 1b");
 		__builtin_unreachable();
+	} else if (streq(mode, "rep")) {
+		/* String port I/O: one exit carries several accesses to one port. */
+		static const char msg[] = "rep: outsb works\r\n";
+		uint8_t lsr[4] = { 0 };
+		const char *src = msg;
+		uint8_t *dst = lsr;
+		unsigned long n = sizeof(msg) - 1;
+
+		__asm__ volatile("rep outsb" : "+S"(src), "+c"(n) : "d"((uint16_t)PORT_COM1) : "memory");
+		n = sizeof(lsr);
+		__asm__ volatile("rep insb" : "+D"(dst), "+c"(n) : "d"((uint16_t)(PORT_COM1 + 5)) : "memory");
+		print("rep: insb lsr=%x,%x,%x,%x\n", lsr[0], lsr[1], lsr[2], lsr[3]);
 	} else if (streq(mode, "cx16")) {
 		/*
 		 * A ring-0 cmpxchg16b: hardware KVM runs it, PVM's instruction

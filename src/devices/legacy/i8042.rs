@@ -27,8 +27,10 @@ where
     T::E: std::fmt::Debug,
 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let [byte] = data {
-            *byte = self.inner.read(offset as u8);
+        match data {
+            [byte] => *byte = self.inner.read(offset as u8),
+            // Byte-wide registers only: anything else reads as an empty bus.
+            data => data.fill(0xff),
         }
     }
 

@@ -24,8 +24,10 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
-            *byte = self.uart.read(offset);
+        match (data, u8::try_from(offset)) {
+            ([byte], Ok(offset)) => *byte = self.uart.read(offset),
+            // Byte-wide registers only: anything else reads as an empty bus.
+            (data, _) => data.fill(0xff),
         }
     }
 

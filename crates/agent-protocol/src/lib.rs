@@ -1,0 +1,361 @@
+//! The protocol between microvm (host) and its agent, the guest's PID 1.
+//!
+//! Transport: virtio-vsock stream connections that the agent opens to the host (CID 2) on the
+//! port named on the kernel command line; the host listens before the guest boots, so there is
+//! no connect race. One connection carries control messages; each standard stream gets a
+//! connection of its own, so a stream that is not being read holds back only itself.
+//!
+//! Every message is framed (`u32` little-endian length, then the body): some vsock transports
+//! do not carry a half-close, so nothing here waits for end-of-file.
+//!
+//! - Control connection: JSON [`Message`]s. The agent starts with [`Message::Hello`]; the host
+//!   answers with [`Message::Run`] (or [`Message::Refused`] on a version mismatch).
+//! - Stream connections: the agent opens one per stream with a [`StreamHello`] frame; then data
+//!   frames, an empty frame meaning end of stream.
+#![warn(missing_docs)]
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; both sides must agree exactly.
+pub const VERSION: u32 = 1;
+/// Kernel command-line key carrying the protocol version the host speaks.
+pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
+/// Kernel command-line key carrying the host vsock port the agent connects to.
+pub const CMDLINE_PORT_KEY: &str = "microvm.port";
+/// The vsock port microvm listens on by default.
+pub const DEFAULT_PORT: u32 = 1024;
+/// Largest control message body.
+pub const MAX_CONTROL_FRAME: usize = 1 << 20;
+/// Largest data frame body.
+pub const MAX_DATA_FRAME: usize = 64 << 10;
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection failed.
+    #[error("agent connection: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection where a frame was expected.
+    #[error("agent connection closed unexpectedly")]
+    Closed,
+    /// A frame announced more than the limit.
+    #[error("agent sent a {0}-byte frame, more than allowed")]
+    TooLarge(usize),
+    /// A control frame is not a valid message.
+    #[error("agent sent a malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Which standard stream a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Host to guest.
+    Stdin,
+    /// Guest to host.
+    Stdout,
+    /// Guest to host.
+    Stderr,
+}
+
+/// First frame of a stream connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHello {
+    /// The stream.
+    pub stream: Stream,
+}
+
+/// What to run, as the host resolved it from the command line and the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// Program and arguments; the program is looked up in `PATH` from `env` when it has no `/`.
+    pub argv: Vec<String>,
+    /// Environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory (created if missing, as docker does).
+    pub cwd: String,
+    /// `user`, `uid`, `user:group` or `uid:gid`, resolved in the guest root's /etc/passwd and
+    /// /etc/group; empty means root.
+    pub user: String,
+    /// Hostname of the guest.
+    pub hostname: String,
+    /// Give the process a terminal (stdout and stderr merge into it).
+    pub tty: bool,
+    /// Keep stdin open (docker's `-i`); otherwise the process reads /dev/null.
+    pub stdin: bool,
+    /// Initial terminal size (rows, columns), when `tty`.
+    pub winsize: Option<(u16, u16)>,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell's (and docker's) number for it: the code, or 128 + the signal.
+    pub fn as_shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Why a process could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartFailure {
+    /// The program does not exist (docker: 127).
+    NotFound,
+    /// It exists but cannot be run (docker: 126).
+    NotExecutable,
+    /// Anything else (bad user, bad working directory, ...): a runtime error (docker: 125... or 126).
+    Other,
+}
+
+/// Control messages, both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Agent -> host, first message.
+    Hello {
+        /// The agent's protocol version.
+        version: u32,
+    },
+    /// Host -> agent: versions differ; the agent powers off.
+    Refused {
+        /// Why, for the guest console.
+        reason: String,
+    },
+    /// Host -> agent: run this process.
+    Run(RunSpec),
+    /// Agent -> host: the process started.
+    Started {
+        /// Its pid in the guest.
+        pid: i32,
+    },
+    /// Agent -> host: the process could not start.
+    StartFailed {
+        /// The kind of failure.
+        kind: StartFailure,
+        /// A one-line explanation.
+        message: String,
+    },
+    /// Host -> agent: deliver a signal to the process.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Host -> agent: the terminal was resized.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Agent -> host: the process ended and its output streams are flushed.
+    Exited(ExitStatus),
+    /// Host -> agent: everything arrived; power off now.
+    Shutdown,
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(body);
+    w.write_all(&buf)?;
+    w.flush()
+}
+
+/// Reads one frame of at most `max` bytes. `Ok(None)` is a clean end of connection before a
+/// frame began.
+pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, Error> {
+    let mut len = [0u8; 4];
+    match read_exact_or_eof(r, &mut len)? {
+        false => return Ok(None),
+        true => {}
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(Error::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    if !read_exact_or_eof(r, &mut body)? && len > 0 {
+        return Err(Error::Closed);
+    }
+    Ok(Some(body))
+}
+
+/// Fills `buf`; false if the stream ended before the first byte; an error if it ended midway.
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, Error> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(Error::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Sends a control message.
+pub fn send(w: &mut impl Write, msg: &Message) -> Result<(), Error> {
+    write_frame(w, &serde_json::to_vec(msg)?)?;
+    Ok(())
+}
+
+/// Receives a control message; [`Error::Closed`] at end of connection.
+pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
+    let body = read_frame(r, MAX_CONTROL_FRAME)?.ok_or(Error::Closed)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Sends the first frame of a stream connection.
+pub fn send_stream_hello(w: &mut impl Write, stream: Stream) -> Result<(), Error> {
+    write_frame(w, &serde_json::to_vec(&StreamHello { stream })?)?;
+    Ok(())
+}
+
+/// Receives the first frame of a stream connection.
+pub fn recv_stream_hello(r: &mut impl Read) -> Result<StreamHello, Error> {
+    let body = read_frame(r, MAX_CONTROL_FRAME)?.ok_or(Error::Closed)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Copies `from` to `to` as data frames, then an end-of-stream frame. Returns bytes copied.
+pub fn pump_to_frames(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; MAX_DATA_FRAME];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A broken source (e.g. EIO from a pty whose other side closed) ends the stream.
+            Err(_) => 0,
+        };
+        write_frame(to, &buf[..n])?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Copies data frames from `from` to `to` until the end-of-stream frame. Returns bytes copied.
+pub fn pump_from_frames(from: &mut impl Read, to: &mut impl Write) -> Result<u64, Error> {
+    let mut total = 0;
+    loop {
+        match read_frame(from, MAX_DATA_FRAME)? {
+            None => return Err(Error::Closed),
+            Some(body) if body.is_empty() => return Ok(total),
+            Some(body) => {
+                to.write_all(&body)?;
+                to.flush()?;
+                total += body.len() as u64;
+            }
+        }
+    }
+}
+
+/// The protocol settings the host puts on the kernel command line.
+pub fn cmdline_args(port: u32) -> String {
+    format!("{CMDLINE_VERSION_KEY}={VERSION} {CMDLINE_PORT_KEY}={port}")
+}
+
+/// Reads (version, port) from a kernel command line.
+pub fn parse_cmdline(cmdline: &str) -> Option<(u32, u32)> {
+    let get = |key: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse::<u32>().ok())
+    };
+    Some((get(CMDLINE_VERSION_KEY)?, get(CMDLINE_PORT_KEY)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let spec = RunSpec {
+            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            tty: true,
+            ..Default::default()
+        };
+        let mut wire = Vec::new();
+        for m in [
+            Message::Hello { version: VERSION },
+            Message::Run(spec),
+            Message::Exited(ExitStatus::Signal(9)),
+        ] {
+            send(&mut wire, &m).unwrap();
+        }
+        let mut r = &wire[..];
+        assert_eq!(recv(&mut r).unwrap(), Message::Hello { version: VERSION });
+        assert!(matches!(recv(&mut r).unwrap(), Message::Run(s) if s.tty && s.argv.len() == 3));
+        assert_eq!(
+            recv(&mut r).unwrap(),
+            Message::Exited(ExitStatus::Signal(9))
+        );
+        assert!(matches!(recv(&mut r), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn data_pumps_carry_bytes_and_end_of_stream() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+        let mut wire = Vec::new();
+        assert_eq!(
+            pump_to_frames(&mut &data[..], &mut wire).unwrap(),
+            data.len() as u64
+        );
+        let mut out = Vec::new();
+        assert_eq!(
+            pump_from_frames(&mut &wire[..], &mut out).unwrap(),
+            data.len() as u64
+        );
+        assert_eq!(out, data);
+        // Missing end-of-stream frame: an error, not a silent success.
+        let cut = &wire[..wire.len() - 4];
+        assert!(matches!(
+            pump_from_frames(&mut &cut[..], &mut Vec::new()),
+            Err(Error::Closed)
+        ));
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected() {
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&(u32::MAX).to_le_bytes());
+        assert!(matches!(recv(&mut &huge[..]), Err(Error::TooLarge(_))));
+        let mut garbage = Vec::new();
+        write_frame(&mut garbage, b"{not json").unwrap();
+        assert!(matches!(recv(&mut &garbage[..]), Err(Error::Malformed(_))));
+        let truncated = [5u8, 0, 0, 0, b'{'];
+        assert!(matches!(recv(&mut &truncated[..]), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn cmdline_settings() {
+        let line = format!("console=ttyS0 {} quiet", cmdline_args(1024));
+        assert_eq!(parse_cmdline(&line), Some((VERSION, 1024)));
+        assert_eq!(parse_cmdline("microvm.proto=1"), None);
+        assert_eq!(parse_cmdline("microvm.proto=x microvm.port=3"), None);
+    }
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitStatus::Code(7).as_shell_code(), 7);
+        assert_eq!(ExitStatus::Signal(9).as_shell_code(), 137);
+    }
+}

@@ -1,0 +1,115 @@
+//! microvm-init: PID 1 of every microvm guest.
+//!
+//! It mounts the basic filesystems, connects to the host over vsock (CID 2, the port named on the
+//! kernel command line), runs the one process the host asks for with its streams relayed, reaps
+//! every zombie, reports the exit status, and reboots the VM (which ends it: the host VMM treats
+//! a reset as the guest stopping). Any failure is printed on the console and ends the VM without
+//! an exit record, which the host reports as a guest crash.
+
+mod process;
+mod system;
+mod users;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use microvm_agent_protocol as proto;
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+
+/// Host CID for vsock.
+const HOST_CID: u32 = 2;
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("microvm-init: must run as PID 1");
+        std::process::exit(1);
+    }
+    if let Err(e) = run() {
+        log(&format!("error: {e}"));
+    }
+    system::power_off();
+}
+
+/// Prints one line on the console.
+pub fn log(msg: &str) {
+    eprintln!("microvm-init: {msg}");
+}
+
+fn run() -> Result<(), String> {
+    system::mount_basics()?;
+    let cmdline =
+        std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?;
+    let (_, port) = proto::parse_cmdline(&cmdline)
+        .ok_or("no microvm.proto/microvm.port on the kernel command line")?;
+
+    let mut control = connect_host(port)?;
+    proto::send(
+        &mut control,
+        &proto::Message::Hello {
+            version: proto::VERSION,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let spec = match proto::recv(&mut control).map_err(|e| e.to_string())? {
+        proto::Message::Run(spec) => spec,
+        proto::Message::Refused { reason } => {
+            return Err(format!("host refused the agent: {reason}"))
+        }
+        other => return Err(format!("unexpected first message from the host: {other:?}")),
+    };
+    system::set_hostname(if spec.hostname.is_empty() {
+        "microvm"
+    } else {
+        &spec.hostname
+    });
+
+    let streams = process::Streams {
+        stdin: open_stream(port, proto::Stream::Stdin)?,
+        stdout: open_stream(port, proto::Stream::Stdout)?,
+        stderr: open_stream(port, proto::Stream::Stderr)?,
+    };
+    process::run(&spec, streams, &mut control)
+}
+
+/// Connects to the host's listening port; retried briefly in case the vsock device is still
+/// being set up.
+fn connect_host(port: u32) -> Result<UnixStream, String> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("vsock socket: {e}"))?;
+        match connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(HOST_CID, port),
+        ) {
+            // A connected vsock stream behaves like any stream socket; UnixStream gives us
+            // Read/Write/try_clone/timeouts without unsafe code of our own beyond the fd move.
+            Ok(()) => return Ok(stream_from(fd)),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!(
+        "cannot connect to the host on vsock port {port}: {last}"
+    ))
+}
+
+fn stream_from(fd: OwnedFd) -> UnixStream {
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: `raw` is a connected stream socket we own (just taken out of an OwnedFd);
+    // UnixStream only uses read/write/shutdown/setsockopt on it, which work on any stream socket.
+    unsafe { UnixStream::from_raw_fd(raw) }
+}
+
+/// Opens one stream connection and announces which stream it carries.
+fn open_stream(port: u32, stream: proto::Stream) -> Result<UnixStream, String> {
+    let mut s = connect_host(port)?;
+    proto::send_stream_hello(&mut s, stream).map_err(|e| e.to_string())?;
+    Ok(s)
+}

@@ -1,0 +1,407 @@
+//! Runs the container's process: resolves user, program and working directory, wires its
+//! standard streams to the host's stream connections, forwards signals and terminal sizes,
+//! reaps every zombie (we are PID 1), and reports how the process ended.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use microvm_agent_protocol::{self as proto, ExitStatus, Message, RunSpec, StartFailure};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::users;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The three stream connections to the host.
+pub struct Streams {
+    /// Host to process.
+    pub stdin: UnixStream,
+    /// Process to host.
+    pub stdout: UnixStream,
+    /// Process to host (empty when the process has a terminal).
+    pub stderr: UnixStream,
+}
+
+/// Runs `spec` to its end and reports it on `control`, then waits for the host's go-ahead to
+/// power off.
+pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result<(), String> {
+    let (shutdown_tx, shutdown_rx) = mpsc::channel();
+    let status = match prepare(spec) {
+        Ok(prepared) => spawn_and_wait(spec, prepared, streams, control, shutdown_tx)?,
+        Err((kind, message)) => {
+            crate::log(&message);
+            end_stream(streams.stdout);
+            end_stream(streams.stderr);
+            send(control, &Message::StartFailed { kind, message })?;
+            spawn_control_reader(control, None, shutdown_tx)?;
+            None
+        }
+    };
+    if let Some(status) = status {
+        send(control, &Message::Exited(status))?;
+    }
+    // Everything is on its way; the host confirms before the VM disappears under it.
+    let _ = shutdown_rx.recv_timeout(Duration::from_secs(10));
+    Ok(())
+}
+
+struct Prepared {
+    program: PathBuf,
+    env: Vec<(String, String)>,
+    cwd: PathBuf,
+    identity: users::Identity,
+}
+
+/// Everything that can fail before fork, with docker's classification of the failure.
+fn prepare(spec: &RunSpec) -> Result<Prepared, (StartFailure, String)> {
+    let other = |m: String| (StartFailure::Other, m);
+    let argv0 = spec
+        .argv
+        .first()
+        .ok_or_else(|| other("no command given".into()))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let identity = users::resolve(&spec.user, &passwd, &group).map_err(other)?;
+
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.clone(), String::new()),
+        })
+        .collect();
+    let mut default = |key: &str, value: &str| {
+        if !env.iter().any(|(k, _)| k == key) {
+            env.push((key.to_string(), value.to_string()));
+        }
+    };
+    default("PATH", DEFAULT_PATH);
+    default("HOME", &identity.home);
+    default(
+        "HOSTNAME",
+        if spec.hostname.is_empty() {
+            "microvm"
+        } else {
+            &spec.hostname
+        },
+    );
+    if spec.tty {
+        default("TERM", "xterm");
+    }
+
+    let cwd = PathBuf::from(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
+    if !cwd.is_dir() {
+        std::fs::create_dir_all(&cwd)
+            .map_err(|e| other(format!("working directory {}: {e}", cwd.display())))?;
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let program = find_program(argv0, &path, &cwd)?;
+    Ok(Prepared {
+        program,
+        env,
+        cwd,
+        identity,
+    })
+}
+
+/// Looks `name` up like execvp: a name with a slash is a path, anything else is searched in PATH.
+fn find_program(name: &str, path: &str, cwd: &Path) -> Result<PathBuf, (StartFailure, String)> {
+    let not_found = || {
+        (
+            StartFailure::NotFound,
+            format!("exec: \"{name}\": executable file not found in $PATH"),
+        )
+    };
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![cwd.join(name)]
+    } else {
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(name))
+            .collect()
+    };
+    let mut found_unexecutable = None;
+    for c in candidates {
+        match std::fs::metadata(&c) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(c),
+            Ok(_) => found_unexecutable = Some(c),
+            Err(_) => {}
+        }
+    }
+    match found_unexecutable {
+        Some(c) => Err((
+            StartFailure::NotExecutable,
+            format!("exec: \"{}\": permission denied", c.display()),
+        )),
+        None if name.contains('/') => Err((
+            StartFailure::NotFound,
+            format!("exec: \"{name}\": no such file or directory"),
+        )),
+        None => Err(not_found()),
+    }
+}
+
+fn spawn_and_wait(
+    spec: &RunSpec,
+    p: Prepared,
+    streams: Streams,
+    control: &mut UnixStream,
+    shutdown_tx: mpsc::Sender<()>,
+) -> Result<Option<ExitStatus>, String> {
+    let mut cmd = Command::new(&p.program);
+    cmd.arg0(&spec.argv[0])
+        .args(&spec.argv[1..])
+        .env_clear()
+        .envs(p.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&p.cwd);
+
+    let master = if spec.tty {
+        let size = spec.winsize.map(|(rows, cols)| nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        });
+        let pty = nix::pty::openpty(size.as_ref(), None).map_err(|e| format!("openpty: {e}"))?;
+        let slave = pty.slave;
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
+        Some(pty.master)
+    } else {
+        cmd.stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        None
+    };
+    let (uid, gid, groups, tty) = (
+        p.identity.uid,
+        p.identity.gid,
+        p.identity.groups.clone(),
+        spec.tty,
+    );
+    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
+    // (setsid, ioctl, setgroups, setgid, setuid), which are async-signal-safe; `groups` was
+    // allocated before fork and is only read.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let kind = match e.kind() {
+                std::io::ErrorKind::NotFound => StartFailure::NotFound,
+                std::io::ErrorKind::PermissionDenied => StartFailure::NotExecutable,
+                _ if e.raw_os_error() == Some(libc::ENOEXEC) => StartFailure::NotExecutable,
+                _ => StartFailure::Other,
+            };
+            let message = format!("exec {}: {e}", spec.argv[0]);
+            end_stream(streams.stdout);
+            end_stream(streams.stderr);
+            send(control, &Message::StartFailed { kind, message })?;
+            spawn_control_reader(control, None, shutdown_tx)?;
+            return Ok(None);
+        }
+    };
+    let pid = child.id() as i32;
+    // Drop our copies of the terminal's slave side so that the master sees EOF (EIO) when the
+    // process and its children are gone.
+    drop(cmd);
+    send(control, &Message::Started { pid })?;
+    spawn_control_reader(
+        control,
+        Some((pid, master.as_ref().map(dup).transpose()?)),
+        shutdown_tx,
+    )?;
+
+    let Streams {
+        stdin,
+        mut stdout,
+        mut stderr,
+    } = streams;
+    let mut pumps = Vec::new();
+    match master {
+        Some(master) => {
+            let mut reader = std::fs::File::from(dup(&master)?);
+            pumps.push(std::thread::spawn(move || {
+                proto::pump_to_frames(&mut reader, &mut stdout)
+            }));
+            end_stream(stderr);
+            let writer = std::fs::File::from(master);
+            relay_stdin(stdin, writer);
+        }
+        None => {
+            let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+            let mut err = child.stderr.take().ok_or("no stderr pipe")?;
+            pumps.push(std::thread::spawn(move || {
+                proto::pump_to_frames(&mut out, &mut stdout)
+            }));
+            pumps.push(std::thread::spawn(move || {
+                proto::pump_to_frames(&mut err, &mut stderr)
+            }));
+            match child.stdin.take() {
+                Some(w) => relay_stdin(stdin, w),
+                None => relay_stdin(stdin, std::io::sink()),
+            }
+        }
+    }
+
+    let status = reap_until(pid);
+    // The container ends with its main process, as with docker: nothing may outlive it and hold
+    // its output open.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while !matches!(waitpid(None, None), Err(nix::errno::Errno::ECHILD)) {}
+    for p in pumps {
+        if let Ok(Err(e)) = p.join() {
+            crate::log(&format!("output relay: {e}"));
+        }
+    }
+    Ok(Some(status))
+}
+
+/// Reaps children until `pid` ends; returns its status.
+fn reap_until(pid: i32) -> ExitStatus {
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return ExitStatus::Code(code),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
+                return ExitStatus::Signal(sig as i32)
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                crate::log(&format!("waitpid: {e}"));
+                return ExitStatus::Code(255);
+            }
+        }
+    }
+}
+
+/// Copies the host's stdin frames into the process, closing its stdin at end of stream.
+fn relay_stdin(mut from: UnixStream, mut to: impl Write + Send + 'static) {
+    std::thread::spawn(move || {
+        // An error here only means the process stopped reading (EPIPE) or the host went away.
+        let _ = proto::pump_from_frames(&mut from, &mut to);
+    });
+}
+
+/// Handles the host's control messages while the process runs and afterwards.
+fn spawn_control_reader(
+    control: &UnixStream,
+    process: Option<(i32, Option<OwnedFd>)>,
+    shutdown_tx: mpsc::Sender<()>,
+) -> Result<(), String> {
+    let mut control = control
+        .try_clone()
+        .map_err(|e| format!("control connection: {e}"))?;
+    std::thread::spawn(move || loop {
+        match proto::recv(&mut control) {
+            Ok(Message::Signal { signal }) => {
+                if let (Some((pid, _)), Ok(sig)) = (&process, Signal::try_from(signal)) {
+                    let _ = kill(Pid::from_raw(*pid), sig);
+                }
+            }
+            Ok(Message::Resize { rows, cols }) => {
+                if let Some((_, Some(master))) = &process {
+                    let ws = libc::winsize {
+                        ws_row: rows,
+                        ws_col: cols,
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer; `master` is an
+                    // open pty master.
+                    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+                }
+            }
+            Ok(Message::Shutdown) | Err(_) => {
+                let _ = shutdown_tx.send(());
+                return;
+            }
+            Ok(other) => crate::log(&format!("ignoring unexpected message {other:?}")),
+        }
+    });
+    Ok(())
+}
+
+/// Sends the end-of-stream frame on a stream that will carry nothing (more).
+fn end_stream(mut s: UnixStream) {
+    let _ = proto::write_frame(&mut s, &[]);
+}
+
+fn send(control: &mut UnixStream, msg: &Message) -> Result<(), String> {
+    proto::send(control, msg).map_err(|e| e.to_string())
+}
+
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
+    fd.try_clone().map_err(|e| format!("dup: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_lookup_follows_path_like_execvp() {
+        let root = std::env::temp_dir().join(format!("microvm-init-test-{}", std::process::id()));
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(bin.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(bin.join("data"), "x").unwrap();
+        let path = format!("/nonexistent:{}", bin.display());
+        assert_eq!(
+            find_program("tool", &path, &root).unwrap(),
+            bin.join("tool")
+        );
+        assert_eq!(
+            find_program("data", &path, &root).unwrap_err().0,
+            StartFailure::NotExecutable
+        );
+        assert_eq!(
+            find_program("nope", &path, &root).unwrap_err().0,
+            StartFailure::NotFound
+        );
+        assert_eq!(
+            find_program("bin/tool", "", &root).unwrap(),
+            root.join("bin/tool")
+        );
+        assert_eq!(
+            find_program("./missing", "", &root).unwrap_err().0,
+            StartFailure::NotFound
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

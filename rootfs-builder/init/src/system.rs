@@ -1,0 +1,82 @@
+//! The guest system around the container process: filesystems, hostname, power.
+
+use nix::mount::{mount, MsFlags};
+use std::path::Path;
+
+/// Mounts /proc, /sys, /dev (devtmpfs), /dev/pts, /dev/shm, /run, /tmp and the cgroup2
+/// hierarchy, and adds the usual /dev links.
+pub fn mount_basics() -> Result<(), String> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mounts: [(&str, &str, &str, MsFlags, &str); 8] = [
+        ("proc", "/proc", "proc", nodev, ""),
+        ("sysfs", "/sys", "sysfs", nodev, ""),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            "mode=0755",
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        ),
+        ("shm", "/dev/shm", "tmpfs", nodev, "mode=1777"),
+        (
+            "run",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=0755",
+        ),
+        (
+            "tmp",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        ),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, ""),
+    ];
+    for (source, target, fstype, flags, data) in mounts {
+        std::fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
+        let data = (!data.is_empty()).then_some(data);
+        mount(Some(source), target, Some(fstype), flags, data)
+            .map_err(|e| format!("mount {fstype} on {target}: {e}"))?;
+    }
+    for (link, to) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        if !Path::new(link).exists() {
+            let _ = std::fs::remove_file(link);
+            std::os::unix::fs::symlink(to, link).map_err(|e| format!("symlink {link}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets the hostname; a failure is only logged.
+pub fn set_hostname(name: &str) {
+    if let Err(e) = nix::unistd::sethostname(name) {
+        crate::log(&format!("sethostname {name}: {e}"));
+    }
+}
+
+/// Ends the VM: a reboot, which the kernel turns into the reset its command line asks for
+/// (`reboot=k`: i8042, `reboot=t`: triple fault) and the VMM into the VM's end. Power-off would
+/// only halt: there is no ACPI to switch the machine off.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Unreachable in practice; never return from PID 1 (the kernel would panic).
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
