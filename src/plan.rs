@@ -36,8 +36,9 @@ pub struct VsockPlan {
 pub struct VmPlan {
     /// Guest kernel: an ELF vmlinux (with or without a PVH note) or a bzImage.
     pub kernel: PathBuf,
-    /// Optional initial ramdisk.
-    pub initrd: Option<PathBuf>,
+    /// Initial ramdisk, as parts laid end to end in guest memory (concatenated cpio archives
+    /// unpack in turn); empty for none.
+    pub initrd: Vec<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
     /// Number of vCPUs.

@@ -4,11 +4,15 @@ use super::VmEnd;
 use crate::plan::VmPlan;
 use crate::vmm::{Error, Vm};
 
-/// Builds the VM described by `plan` and runs it to its end. The caller exits right after, so
-/// the kernel's VM teardown is left to a keeper process (see `vmm::teardown`), unless
-/// `MICROVM_SYNC_TEARDOWN=1` asks to wait for it (for benchmarks and debugging).
-pub fn run(plan: &VmPlan) -> Result<VmEnd, Error> {
-    let vm = Vm::build(plan)?;
+/// Builds the VM described by `plan`: every file and device opened, the guest loaded.
+pub fn build(plan: &VmPlan) -> Result<Vm, Error> {
+    Vm::build(plan)
+}
+
+/// Runs the VM to its end. The caller exits right after, so the kernel's VM teardown is left to
+/// a keeper process (see `vmm::teardown`), unless `MICROVM_SYNC_TEARDOWN=1` asks to wait for it
+/// (for benchmarks and debugging).
+pub fn run(vm: Vm) -> Result<VmEnd, Error> {
     let sync = std::env::var_os("MICROVM_SYNC_TEARDOWN").is_some_and(|v| v == "1");
     if sync { vm } else { vm.defer_teardown() }.run()
 }

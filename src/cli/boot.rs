@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::signals::HostSignals;
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::backend::{self, VmEnd};
 use crate::plan::{Console, VmPlan, VsockPlan, GUEST_CID};
+use crate::vmm::exit::StopReason;
+use nix::sys::signal::Signal;
 
 /// Default kernel command line: console on COM1, reboot through the i8042, no reboot on panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -60,7 +63,7 @@ pub fn run(args: BootArgs) -> i32 {
     };
     let plan = VmPlan {
         kernel,
-        initrd: args.initrd,
+        initrd: args.initrd.into_iter().collect(),
         cmdline: args.cmdline,
         cpus: args.cpus,
         memory_mib: args.memory,
@@ -71,7 +74,27 @@ pub fn run(args: BootArgs) -> i32 {
             uds_path,
         }),
     };
-    match backend::kvm::run(&plan) {
+    // Ctrl-C, SIGTERM and SIGHUP stop the VM (status 128+n); blocked before any thread starts.
+    let signals = match HostSignals::block(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            error_line(e);
+            return EXIT_MICROVM_ERROR;
+        }
+    };
+    let result = backend::kvm::build(&plan).and_then(|vm| {
+        let stop = vm.stop_handle();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.wait() {
+                    stop.request(StopReason::HostSignal(sig));
+                }
+            })
+            .map_err(|e| crate::vmm::Error::Host(format!("signal thread: {e}")))?;
+        backend::kvm::run(vm)
+    });
+    match result {
         Ok(VmEnd::GuestStopped) => 0,
         Ok(VmEnd::TimedOut) => {
             let secs = plan.timeout.map_or(0.0, |t| t.as_secs_f64());

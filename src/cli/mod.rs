@@ -1,6 +1,7 @@
 //! The `microvm` command line: docker-style flags and exit codes.
 
 mod boot;
+mod signals;
 
 use clap::{Parser, Subcommand};
 

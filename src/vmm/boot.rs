@@ -201,14 +201,14 @@ pub fn initrd_address(size: u64, kernel_end: u64, limit: u64) -> Result<u64, Err
     Ok(addr)
 }
 
-/// Reads `size` bytes of `initrd` into guest memory below `limit`; returns its address.
+/// Reads the initrd, given as parts laid end to end (the kernel unpacks concatenated cpio
+/// archives in turn), into guest memory below `low_ram_end`; returns its address and size.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
-    initrd: &mut File,
-    size: u64,
+    parts: &mut [(File, u64)],
     kernel: &LoadedKernel,
     low_ram_end: u64,
-) -> Result<GuestAddress, Error> {
+) -> Result<(GuestAddress, u64), Error> {
     use vm_memory::Bytes;
     let mut limit = low_ram_end;
     if let BootProtocol::Linux64 {
@@ -219,10 +219,21 @@ pub fn load_initrd(
             limit = limit.min(h.initrd_addr_max as u64 + 1);
         }
     }
-    let addr = GuestAddress(initrd_address(size, kernel.end, limit)?);
-    mem.read_exact_volatile_from(addr, initrd, size as usize)
-        .map_err(Error::ReadInitrd)?;
-    Ok(addr)
+    let size = parts
+        .iter()
+        .try_fold(0u64, |sum, (_, n)| sum.checked_add(*n));
+    let size = size.ok_or(Error::InitrdTooBig {
+        size: u64::MAX,
+        limit,
+    })?;
+    let start = GuestAddress(initrd_address(size, kernel.end, limit)?);
+    let mut at = start;
+    for (file, len) in parts.iter_mut() {
+        mem.read_exact_volatile_from(at, file, *len as usize)
+            .map_err(Error::ReadInitrd)?;
+        at = GuestAddress(at.0 + *len);
+    }
+    Ok((start, size))
 }
 
 /// Writes the zero page or the PVH start_info, whichever the kernel's protocol needs.

@@ -20,6 +20,8 @@ pub enum StopReason {
     },
     /// Any other fatal vCPU condition, already worded for the user.
     VcpuFailed(String),
+    /// microvm received this signal and stops the VM.
+    HostSignal(i32),
 }
 
 /// Shared between vCPUs, devices and the controller: the first stop request wins.

@@ -1,7 +1,8 @@
 //! Our KVM virtual machine monitor: builds a VM from a [`VmPlan`] and runs it to its end.
 //!
 //! Threads, one job each: vCPU threads (guest execution and register accesses), the device loop
-//! (event-manager), and the controller (the calling thread: timeout, host signals, teardown).
+//! (event-manager), and the controller (the thread calling [`Vm::run`]: timeout, stop requests,
+//! teardown).
 //! Every file and device is opened in [`Vm::build`], before the guest runs.
 
 pub mod boot;
@@ -17,7 +18,7 @@ pub mod vcpu;
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,8 +28,6 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -130,7 +129,6 @@ pub struct Vm {
     // teardown keeper holds the VM on, by which time no vCPU can touch guest memory).
     vcpus: Vec<Vcpu>,
     stop: Arc<StopSignal>,
-    signals: SignalFd,
     timeout: Option<Duration>,
     defer_teardown: bool,
     _vm: VmFd,
@@ -189,20 +187,16 @@ fn load_guest(
     memory: &GuestMemoryMmap,
     plan: &VmPlan,
     kernel_file: &mut File,
-    initrd: Option<(File, u64)>,
+    mut initrd: Vec<(File, u64)>,
 ) -> Result<boot::LoadedKernel, Error> {
     let mem_size = plan.memory_mib << 20;
     let kernel = boot::load_kernel(memory, kernel_file)?;
     tracing::debug!("kernel boots via {}", kernel.protocol_name());
-    let initrd_at = match initrd {
-        Some((mut f, size)) => {
-            let low_end = memory::low_ram_end(mem_size);
-            Some((
-                boot::load_initrd(memory, &mut f, size, &kernel, low_end)?,
-                size,
-            ))
-        }
-        None => None,
+    let initrd_at = if initrd.is_empty() {
+        None
+    } else {
+        let low_end = memory::low_ram_end(mem_size);
+        Some(boot::load_initrd(memory, &mut initrd, &kernel, low_end)?)
     };
     boot::write_cmdline(memory, &plan.cmdline)?;
     let map = memory::memory_map(mem_size);
@@ -289,21 +283,19 @@ impl Vm {
     pub fn build(plan: &VmPlan) -> Result<Vm, Error> {
         validate(plan)?;
         let mut kernel_file = open("kernel", &plan.kernel)?;
-        let initrd = match &plan.initrd {
-            Some(path) => {
-                let f = open("initrd", path)?;
-                let size = f
-                    .metadata()
-                    .map_err(|source| Error::Open {
-                        what: "initrd",
-                        path: path.clone(),
-                        source,
-                    })?
-                    .len();
-                Some((f, size))
-            }
-            None => None,
-        };
+        let mut initrd = Vec::with_capacity(plan.initrd.len());
+        for path in &plan.initrd {
+            let f = open("initrd", path)?;
+            let meta = f.metadata();
+            let size = meta
+                .map_err(|source| Error::Open {
+                    what: "initrd",
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            initrd.push((f, size));
+        }
         let console: Box<dyn Write + Send> = match &plan.console {
             Console::Stderr => Box::new(std::io::stderr()),
             Console::File(path) => Box::new(File::create(path).map_err(|source| Error::Open {
@@ -313,15 +305,6 @@ impl Vm {
             })?),
         };
 
-        // Host signals end the VM through the controller; vCPU threads inherit the mask.
-        let mut mask = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            mask.add(s);
-        }
-        mask.thread_block()
-            .map_err(|e| Error::Host(format!("blocking signals: {e}")))?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .map_err(|e| Error::Host(format!("signalfd: {e}")))?;
         vcpu::register_kick_handler()
             .map_err(|e| Error::Host(format!("vCPU kick handler: {e}")))?;
 
@@ -356,7 +339,6 @@ impl Vm {
         Ok(Vm {
             vcpus,
             stop,
-            signals,
             timeout: plan.timeout,
             defer_teardown: false,
             _vm: vm,
@@ -373,23 +355,21 @@ impl Vm {
         self
     }
 
-    /// Runs the guest until it stops, fails, times out or microvm is signalled.
+    /// A handle to stop the running VM from another thread (with [`StopReason::HostSignal`], for
+    /// instance).
+    pub fn stop_handle(&self) -> Arc<StopSignal> {
+        self.stop.clone()
+    }
+
+    /// Runs the guest until it stops, fails, times out or is stopped through [`Vm::stop_handle`].
     pub fn run(mut self) -> Result<VmEnd, Error> {
-        const STOP: u64 = 0;
-        const SIGNAL: u64 = 1;
         let epoll = Epoll::new().map_err(host_err("epoll"))?;
+        let stop_fd = self.stop.eventfd().as_raw_fd();
         epoll
             .ctl(
                 ControlOperation::Add,
-                self.stop.eventfd().as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP),
-            )
-            .map_err(host_err("epoll"))?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.signals.as_fd().as_raw_fd(),
-                EpollEvent::new(EventSet::IN, SIGNAL),
+                stop_fd,
+                EpollEvent::new(EventSet::IN, 0),
             )
             .map_err(host_err("epoll"))?;
 
@@ -432,19 +412,13 @@ impl Vm {
             if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 break Ok(VmEnd::TimedOut);
             }
-            if let Some(sig) = events[..n]
-                .iter()
-                .find(|e| e.data() == SIGNAL)
-                .and_then(|_| self.signals.read_signal().ok().flatten())
-            {
-                break Ok(VmEnd::Signal(sig.ssi_signo as i32));
-            }
             if self.stop.is_requested() {
                 break match self.stop.reason() {
                     Some(StopReason::TripleFault { cpu, rip }) => {
                         Err(Error::TripleFault { cpu, rip })
                     }
                     Some(StopReason::VcpuFailed(msg)) => Err(Error::Guest(msg)),
+                    Some(StopReason::HostSignal(sig)) => Ok(VmEnd::Signal(sig)),
                     Some(StopReason::GuestStopped) | None => Ok(VmEnd::GuestStopped),
                 };
             }
