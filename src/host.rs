@@ -29,15 +29,45 @@ pub fn kvm_flavour() -> &'static str {
     }
 }
 
+/// microvm's data directory: `$MICROVM_ROOT`, else `/var/lib/microvm` for root, else
+/// `$XDG_DATA_HOME/microvm` (default `~/.local/share/microvm`).
+pub fn data_dir() -> PathBuf {
+    if let Some(root) = std::env::var_os("MICROVM_ROOT") {
+        return PathBuf::from(root);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/microvm");
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+                .join(".local/share")
+        });
+    base.join("microvm")
+}
+
+/// A private directory for one VM's sockets and logs: under `$XDG_RUNTIME_DIR/microvm` or
+/// `/run/microvm` (root), else the temporary directory.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(dir).join("microvm");
+    }
+    if nix::unistd::geteuid().is_root() && Path::new("/run").is_dir() {
+        return PathBuf::from("/run/microvm");
+    }
+    std::env::temp_dir().join(format!("microvm-{}", nix::unistd::geteuid()))
+}
+
 /// Where microvm looks for a guest kernel when `--kernel` is not given, in order.
 pub fn default_kernel_candidates() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(p) = std::env::var_os("MICROVM_KERNEL") {
         v.push(PathBuf::from(p));
     }
-    v.push(PathBuf::from("/var/lib/microvm/kernel/vmlinux"));
-    if let Some(home) = std::env::var_os("HOME") {
-        v.push(PathBuf::from(home).join(".local/share/microvm/kernel/vmlinux"));
+    v.push(data_dir().join("kernel/vmlinux"));
+    if data_dir() != Path::new("/var/lib/microvm") {
+        v.push(PathBuf::from("/var/lib/microvm/kernel/vmlinux"));
     }
     v
 }

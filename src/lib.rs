@@ -5,10 +5,12 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod agent;
 pub mod backend;
 pub mod cli;
 pub mod devices;
 pub mod host;
+pub mod initramfs;
 pub mod plan;
 pub mod timing;
 pub mod vmm;

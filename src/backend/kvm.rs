@@ -16,3 +16,6 @@ pub fn run(vm: Vm) -> Result<VmEnd, Error> {
     let sync = std::env::var_os("MICROVM_SYNC_TEARDOWN").is_some_and(|v| v == "1");
     if sync { vm } else { vm.defer_teardown() }.run()
 }
+
+/// The guest resets through the i8042, which our VMM turns into the VM's end.
+pub const CMDLINE_EXTRA: &str = "reboot=k";

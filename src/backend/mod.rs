@@ -1,6 +1,17 @@
-//! Backends: ways to run a [`VmPlan`](crate::plan::VmPlan). `kvm` is our own VMM.
+//! Backends: ways to run a [`VmPlan`](crate::plan::VmPlan). `kvm` is our own VMM; `qemu` runs
+//! the same plan under QEMU's TCG for hosts whose KVM cannot boot the guest.
 
 pub mod kvm;
+pub mod qemu;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::agent::VmWatch;
+use crate::plan::VmPlan;
+use crate::vmm::exit::{StopReason, StopSignal};
 
 /// How a VM ended when nothing went wrong on the host side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,4 +22,117 @@ pub enum VmEnd {
     TimedOut,
     /// microvm received this signal (Ctrl-C, SIGTERM) and stopped the guest.
     Signal(i32),
+}
+
+/// Which backend to use, as the user asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hypervisor {
+    /// `kvm` where it boots the guest at full speed, otherwise an error naming the choices.
+    Auto,
+    /// Our own VMM on /dev/kvm.
+    Kvm,
+    /// QEMU with software emulation (TCG): no hardware isolation boundary.
+    Qemu,
+}
+
+/// Resolves `auto`; never falls back silently to something weaker than asked.
+pub fn choose(asked: Hypervisor) -> Result<Hypervisor, String> {
+    match asked {
+        Hypervisor::Auto => {
+            if !Path::new("/dev/kvm").exists() {
+                Err("no /dev/kvm on this host: pass --hypervisor qemu to run emulated (TCG is not a hardware isolation boundary)".into())
+            } else if crate::host::is_pvm() {
+                Err("this host's KVM is PVM, which boots a Linux guest only very slowly: pass --hypervisor qemu (emulated; TCG is not a hardware isolation boundary) or --hypervisor kvm (slow)".into())
+            } else {
+                Ok(Hypervisor::Kvm)
+            }
+        }
+        other => Ok(other),
+    }
+}
+
+/// The kernel command-line options a backend needs for its reboot path.
+pub fn cmdline_extra(h: Hypervisor) -> &'static str {
+    match h {
+        Hypervisor::Qemu => qemu::CMDLINE_EXTRA,
+        _ => kvm::CMDLINE_EXTRA,
+    }
+}
+
+enum Stopper {
+    Kvm(Arc<StopSignal>),
+    Qemu(u32),
+}
+
+/// A VM running in the background while the caller talks to its agent.
+pub struct RunningVm {
+    waiter: JoinHandle<Result<VmEnd, String>>,
+    stopper: Stopper,
+}
+
+impl RunningVm {
+    /// Builds and starts the VM with backend `h` (not `auto`). Call on the main thread: helper
+    /// processes are tied to the thread that starts them. The returned watch turns readable when
+    /// the VM has ended.
+    pub fn start(
+        h: Hypervisor,
+        plan: &VmPlan,
+        run_dir: &Path,
+    ) -> Result<(RunningVm, VmWatch), String> {
+        let (watch, guard) = VmWatch::new().map_err(|e| format!("cannot watch the VM: {e}"))?;
+        let timeout = plan.timeout;
+        let (waiter, stopper) = match h {
+            Hypervisor::Qemu => {
+                let q = qemu::Qemu::start(plan, run_dir).map_err(|e| e.to_string())?;
+                let pid = q.pid();
+                let waiter = std::thread::spawn(move || {
+                    let _guard = guard;
+                    match q.wait(timeout) {
+                        Ok(true) => Ok(VmEnd::GuestStopped),
+                        Ok(false) => Ok(VmEnd::TimedOut),
+                        Err(e) => Err(format!("waiting for QEMU: {e}")),
+                    }
+                });
+                (waiter, Stopper::Qemu(pid))
+            }
+            _ => {
+                let vm = kvm::build(plan).map_err(|e| e.to_string())?;
+                let stop = vm.stop_handle();
+                let waiter = std::thread::Builder::new()
+                    .name("vmm".into())
+                    .spawn(move || {
+                        let _guard = guard;
+                        kvm::run(vm).map_err(|e| e.to_string())
+                    })
+                    .map_err(|e| format!("cannot start the VMM thread: {e}"))?;
+                (waiter, Stopper::Kvm(stop))
+            }
+        };
+        Ok((RunningVm { waiter, stopper }, watch))
+    }
+
+    /// Stops the VM (the guest gets no say).
+    pub fn stop(&self) {
+        match &self.stopper {
+            Stopper::Kvm(stop) => stop.request(StopReason::HostSignal(libc::SIGKILL)),
+            Stopper::Qemu(pid) => {
+                // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Waits for the VM to end, stopping it after `grace` if it has not.
+    pub fn wait(self, grace: Duration) -> Result<VmEnd, String> {
+        let deadline = std::time::Instant::now() + grace;
+        while !self.waiter.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if !self.waiter.is_finished() {
+            self.stop();
+        }
+        self.waiter
+            .join()
+            .map_err(|_| "the VMM thread panicked".to_string())?
+    }
 }

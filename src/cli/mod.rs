@@ -1,6 +1,7 @@
 //! The `microvm` command line: docker-style flags and exit codes.
 
 mod boot;
+mod run;
 mod signals;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel directly and exit with the guest.
     Boot(boot::BootArgs),
+    /// Run a command in its own VM.
+    Run(run::RunArgs),
     /// Show what this host offers: KVM, its flavour, the default guest kernel.
     Info,
 }
@@ -32,6 +35,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Boot(args) => boot::run(args),
+        Command::Run(args) => run::run(args),
         Command::Info => {
             print!("{}", crate::host::info_report());
             0

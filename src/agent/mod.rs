@@ -1,0 +1,454 @@
+//! The host side of the agent protocol: listens on the host socket the guest's agent connects
+//! to, sends it the run spec, relays the process's streams and signals, and returns how the
+//! process ended.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use microvm_agent_protocol::{self as proto, ExitStatus, Message, RunSpec, StartFailure, Stream};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use thiserror::Error;
+
+/// How long the agent may take to say hello on a connection it opened.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of an agent session.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The listening socket could not be set up.
+    #[error("cannot listen for the guest agent on {path}: {source}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The VM ended before the agent reported an exit status.
+    #[error("the guest ended before its agent reported the command's exit status")]
+    GuestEnded,
+    /// Host and guest speak different protocol versions.
+    #[error("the guest agent speaks protocol version {guest}, this microvm speaks {host}: rebuild microvm and its guest image together")]
+    VersionMismatch {
+        /// The agent's version.
+        guest: u32,
+        /// Ours.
+        host: u32,
+    },
+    /// The agent broke the protocol.
+    #[error("guest agent: {0}")]
+    Protocol(String),
+    /// Local I/O failed.
+    #[error("guest agent connection: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<proto::Error> for Error {
+    fn from(e: proto::Error) -> Self {
+        Error::Protocol(e.to_string())
+    }
+}
+
+/// The socket the agent connects to, bound before the guest boots.
+pub struct Listener {
+    inner: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path` (a stale socket there is replaced).
+    pub fn bind(path: &Path) -> Result<Self, Error> {
+        let err = |source| Error::Listen {
+            path: path.to_owned(),
+            source,
+        };
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        let inner = UnixListener::bind(path).map_err(err)?;
+        Ok(Listener {
+            inner,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Becomes readable (end of file) when the VM has ended: its other end is held by whoever waits
+/// for the VM and dropped when the VM is gone.
+pub struct VmWatch(pub UnixStream);
+
+impl VmWatch {
+    /// A watch and the guard whose drop signals the VM's end.
+    pub fn new() -> std::io::Result<(VmWatch, UnixStream)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((VmWatch(a), b))
+    }
+
+    fn ended(&self) -> bool {
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+    }
+}
+
+/// The host's ends of the process's standard streams.
+pub struct HostIo {
+    /// Source of the process's stdin (read only when the spec asks for stdin).
+    pub stdin: Box<dyn Read + Send>,
+    /// Destination of its stdout.
+    pub stdout: Box<dyn Write + Send>,
+    /// Destination of its stderr.
+    pub stderr: Box<dyn Write + Send>,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It ran and ended.
+    Exited(ExitStatus),
+    /// It could not start.
+    StartFailed {
+        /// Docker's classification.
+        kind: StartFailure,
+        /// One line for the user.
+        message: String,
+    },
+}
+
+/// Sends control messages (signals, resizes, shutdown) from any thread.
+#[derive(Clone)]
+pub struct Control(Arc<Mutex<UnixStream>>);
+
+impl Control {
+    /// Sends one message; errors mean the agent is gone and are left to the session to notice.
+    pub fn send(&self, msg: &Message) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = proto::send(&mut *s, msg);
+    }
+}
+
+/// A session that has handed the spec to the agent and relays the streams.
+pub struct Session {
+    control: Control,
+    events: mpsc::Receiver<Message>,
+    pumps: Vec<JoinHandle<Result<u64, proto::Error>>>,
+}
+
+impl Session {
+    /// Waits for the agent, checks its version, sends `spec` and starts relaying `io`.
+    pub fn start(
+        listener: &Listener,
+        watch: &VmWatch,
+        spec: RunSpec,
+        io: HostIo,
+    ) -> Result<Session, Error> {
+        let mut control = accept(listener, watch)?;
+        match proto::recv(&mut control)? {
+            Message::Hello { version } if version == proto::VERSION => {}
+            Message::Hello { version } => {
+                let reason = format!("host speaks protocol {}, agent {version}", proto::VERSION);
+                let _ = proto::send(&mut control, &Message::Refused { reason });
+                return Err(Error::VersionMismatch {
+                    guest: version,
+                    host: proto::VERSION,
+                });
+            }
+            other => return Err(Error::Protocol(format!("expected a hello, got {other:?}"))),
+        }
+        control.set_read_timeout(None)?;
+        let wants_stdin = spec.stdin;
+        proto::send(&mut control, &Message::Run(spec))?;
+
+        let (mut stdin_conn, mut stdout_conn, mut stderr_conn) = (None, None, None);
+        for _ in 0..3 {
+            let mut conn = accept(listener, watch)?;
+            let hello = proto::recv_stream_hello(&mut conn)?;
+            conn.set_read_timeout(None)?;
+            let slot = match hello.stream {
+                Stream::Stdin => &mut stdin_conn,
+                Stream::Stdout => &mut stdout_conn,
+                Stream::Stderr => &mut stderr_conn,
+            };
+            if slot.replace(conn).is_some() {
+                return Err(Error::Protocol(format!(
+                    "two connections for {:?}",
+                    hello.stream
+                )));
+            }
+        }
+        let missing = || Error::Protocol("a stream connection is missing".into());
+        let (mut stdin_conn, mut stdout_conn, mut stderr_conn) = (
+            stdin_conn.ok_or_else(missing)?,
+            stdout_conn.ok_or_else(missing)?,
+            stderr_conn.ok_or_else(missing)?,
+        );
+
+        let HostIo {
+            mut stdin,
+            mut stdout,
+            mut stderr,
+        } = io;
+        let pumps = vec![
+            std::thread::spawn(move || proto::pump_from_frames(&mut stdout_conn, &mut stdout)),
+            std::thread::spawn(move || proto::pump_from_frames(&mut stderr_conn, &mut stderr)),
+        ];
+        // Stdin may block on the user's terminal forever: never joined.
+        std::thread::spawn(move || {
+            if wants_stdin {
+                let _ = proto::pump_to_frames(&mut stdin, &mut stdin_conn);
+            } else {
+                let _ = proto::write_frame(&mut stdin_conn, &[]);
+            }
+        });
+
+        let (tx, events) = mpsc::channel();
+        let mut reader = control.try_clone()?;
+        std::thread::spawn(move || {
+            while let Ok(msg) = proto::recv(&mut reader) {
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Session {
+            control: Control(Arc::new(Mutex::new(control))),
+            events,
+            pumps,
+        })
+    }
+
+    /// A sender for signals and terminal resizes.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Waits until the process has ended and all its output has arrived, then tells the agent to
+    /// power off. Fails if the VM ends first.
+    pub fn finish(self, watch: &VmWatch) -> Result<Outcome, Error> {
+        let outcome = loop {
+            match self.events.recv_timeout(Duration::from_millis(50)) {
+                Ok(Message::Exited(status)) => break Outcome::Exited(status),
+                Ok(Message::StartFailed { kind, message }) => {
+                    break Outcome::StartFailed { kind, message }
+                }
+                Ok(Message::Started { .. }) => {}
+                Ok(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
+                Err(mpsc::RecvTimeoutError::Timeout) if !watch.ended() => {}
+                Err(_) => return Err(Error::GuestEnded),
+            }
+        };
+        // The agent ends each stream before reporting the exit, so these finish promptly.
+        for p in self.pumps {
+            match p.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(Error::Protocol("a stream relay panicked".into())),
+            }
+        }
+        self.control.send(&Message::Shutdown);
+        Ok(outcome)
+    }
+}
+
+/// Accepts the agent's next connection, unless the VM ends first.
+fn accept(listener: &Listener, watch: &VmWatch) -> Result<UnixStream, Error> {
+    loop {
+        let mut fds = [
+            PollFd::new(listener.inner.as_fd(), PollFlags::POLLIN),
+            PollFd::new(watch.0.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Error::Io(e.into())),
+        }
+        if fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+        {
+            let (conn, _) = listener.inner.accept()?;
+            conn.set_read_timeout(Some(HELLO_TIMEOUT))?;
+            return Ok(conn);
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return Err(Error::GuestEnded);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn socket_path() -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        std::env::temp_dir().join(format!(
+            "microvm-agent-test-{}-{n}.sock",
+            std::process::id()
+        ))
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn io(out: &Sink, err: &Sink) -> HostIo {
+        HostIo {
+            stdin: Box::new(std::io::empty()),
+            stdout: Box::new(out.clone()),
+            stderr: Box::new(err.clone()),
+        }
+    }
+
+    #[test]
+    fn a_whole_session_against_a_fake_agent() {
+        let path = socket_path();
+        let listener = Listener::bind(&path).unwrap();
+        let (watch, _guard) = VmWatch::new().unwrap();
+        let agent_path = path.clone();
+        let agent = std::thread::spawn(move || {
+            let mut control = UnixStream::connect(&agent_path).unwrap();
+            proto::send(
+                &mut control,
+                &Message::Hello {
+                    version: proto::VERSION,
+                },
+            )
+            .unwrap();
+            let Message::Run(spec) = proto::recv(&mut control).unwrap() else {
+                panic!("no spec")
+            };
+            let open = |s| {
+                let mut c = UnixStream::connect(&agent_path).unwrap();
+                proto::send_stream_hello(&mut c, s).unwrap();
+                c
+            };
+            let (mut stdin, mut stdout, mut stderr) = (
+                open(Stream::Stdin),
+                open(Stream::Stdout),
+                open(Stream::Stderr),
+            );
+            proto::pump_to_frames(&mut &b"hello out"[..], &mut stdout).unwrap();
+            proto::pump_to_frames(&mut &b"hello err"[..], &mut stderr).unwrap();
+            let mut received = Vec::new();
+            proto::pump_from_frames(&mut stdin, &mut received).unwrap();
+            proto::send(&mut control, &Message::Started { pid: 7 }).unwrap();
+            proto::send(&mut control, &Message::Exited(ExitStatus::Code(3))).unwrap();
+            (spec, received, proto::recv(&mut control).unwrap())
+        });
+        let (out, err) = (Sink::default(), Sink::default());
+        let spec = RunSpec {
+            argv: vec!["x".into()],
+            ..Default::default()
+        };
+        let session = Session::start(&listener, &watch, spec.clone(), io(&out, &err)).unwrap();
+        assert_eq!(
+            session.finish(&watch).unwrap(),
+            Outcome::Exited(ExitStatus::Code(3))
+        );
+        assert_eq!(&*out.0.lock().unwrap(), b"hello out");
+        assert_eq!(&*err.0.lock().unwrap(), b"hello err");
+        let (got_spec, stdin, last) = agent.join().unwrap();
+        assert_eq!(got_spec, spec);
+        assert!(stdin.is_empty(), "no -i: the agent gets an empty stdin");
+        assert_eq!(last, Message::Shutdown);
+    }
+
+    #[test]
+    fn a_version_mismatch_is_refused_clearly() {
+        let path = socket_path();
+        let listener = Listener::bind(&path).unwrap();
+        let (watch, _guard) = VmWatch::new().unwrap();
+        let agent_path = path.clone();
+        let agent = std::thread::spawn(move || {
+            let mut control = UnixStream::connect(&agent_path).unwrap();
+            proto::send(
+                &mut control,
+                &Message::Hello {
+                    version: proto::VERSION + 1,
+                },
+            )
+            .unwrap();
+            proto::recv(&mut control).unwrap()
+        });
+        let (out, err) = (Sink::default(), Sink::default());
+        let e = Session::start(&listener, &watch, RunSpec::default(), io(&out, &err))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, Error::VersionMismatch { guest, host } if guest == proto::VERSION + 1 && host == proto::VERSION)
+        );
+        assert!(e.to_string().contains("rebuild"), "{e}");
+        assert!(matches!(agent.join().unwrap(), Message::Refused { .. }));
+    }
+
+    #[test]
+    fn a_vm_that_ends_before_its_agent_is_reported() {
+        let listener = Listener::bind(&socket_path()).unwrap();
+        let (watch, guard) = VmWatch::new().unwrap();
+        drop(guard);
+        let (out, err) = (Sink::default(), Sink::default());
+        let e = Session::start(&listener, &watch, RunSpec::default(), io(&out, &err))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::GuestEnded), "{e}");
+    }
+
+    #[test]
+    fn an_agent_that_dies_mid_run_is_reported() {
+        let path = socket_path();
+        let listener = Listener::bind(&path).unwrap();
+        let (watch, guard) = VmWatch::new().unwrap();
+        let agent_path = path.clone();
+        let agent = std::thread::spawn(move || {
+            let mut control = UnixStream::connect(&agent_path).unwrap();
+            proto::send(
+                &mut control,
+                &Message::Hello {
+                    version: proto::VERSION,
+                },
+            )
+            .unwrap();
+            proto::recv(&mut control).unwrap();
+            let conns: Vec<_> = [Stream::Stdin, Stream::Stdout, Stream::Stderr]
+                .into_iter()
+                .map(|s| {
+                    let mut c = UnixStream::connect(&agent_path).unwrap();
+                    proto::send_stream_hello(&mut c, s).unwrap();
+                    c
+                })
+                .collect();
+            // The VM goes away: connections close, the VM ends.
+            drop(conns);
+            drop(control);
+            drop(guard);
+        });
+        let (out, err) = (Sink::default(), Sink::default());
+        let session =
+            Session::start(&listener, &watch, RunSpec::default(), io(&out, &err)).unwrap();
+        agent.join().unwrap();
+        assert!(matches!(session.finish(&watch), Err(Error::GuestEnded)));
+    }
+}

@@ -1,0 +1,216 @@
+//! The `qemu` backend: the same VM plan run by QEMU's microvm machine under TCG (software
+//! emulation), for hosts whose KVM cannot boot our guest. vsock goes through QEMU's
+//! vhost-user-vsock device and `vhost-device-vsock`, which uses the same hybrid Unix-socket
+//! convention as our own device; guest RAM is a shared memfd as vhost-user requires.
+//!
+//! QEMU does not treat TCG as a security boundary: callers must say so to the user.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::plan::{Console, VmPlan};
+
+/// QEMU's microvm has no i8042: the guest resets by triple fault, which `-no-reboot` turns into
+/// QEMU exiting.
+pub const CMDLINE_EXTRA: &str = "reboot=t";
+
+/// Errors starting or running QEMU.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A program is not installed.
+    #[error("{program} not found: {hint}")]
+    Missing {
+        /// The program.
+        program: &'static str,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// Starting a process failed.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// vhost-device-vsock did not come up.
+    #[error("vhost-device-vsock did not create its socket {0} (see its messages above)")]
+    VsockBackend(PathBuf),
+    /// Preparing files for QEMU failed.
+    #[error("preparing the QEMU run: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running QEMU and the helper it needs.
+pub struct Qemu {
+    qemu: Child,
+    vsock: Option<Child>,
+}
+
+/// Finds `program` in PATH or in cargo's bin directory (where `cargo install` puts helpers).
+fn find(program: &'static str, hint: &'static str) -> Result<PathBuf, Error> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|p| p.join("bin"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(cargo_bin)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or(Error::Missing { program, hint })
+}
+
+/// Makes a child die with us (PR_SET_PDEATHSIG fires when the spawning thread exits, so spawn
+/// from the thread that lives as long as the process).
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl Qemu {
+    /// Starts vhost-device-vsock (if the plan has vsock) and QEMU; `run_dir` holds their sockets
+    /// and the concatenated initrd. Must be called on the thread that outlives the VM.
+    pub fn start(plan: &VmPlan, run_dir: &Path) -> Result<Qemu, Error> {
+        let qemu_bin = find("qemu-system-x86_64", "install Debian's qemu-system-x86")?;
+        let mut vsock = None;
+        let mut vsock_args = Vec::new();
+        if let Some(v) = &plan.vsock {
+            let bin = find(
+                "vhost-device-vsock",
+                "install it with `cargo install vhost-device-vsock`",
+            )?;
+            let socket = run_dir.join("vhost-user-vsock.sock");
+            let mut cmd = Command::new(bin);
+            cmd.arg("--vm")
+                .arg(format!(
+                    "guest-cid={},socket={},uds-path={}",
+                    v.guest_cid,
+                    socket.display(),
+                    v.uds_path.display()
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            die_with_parent(&mut cmd);
+            let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+                program: "vhost-device-vsock",
+                source,
+            })?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !socket.exists() {
+                if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::VsockBackend(socket));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            vsock_args = vec![
+                "-chardev".to_string(),
+                format!("socket,id=vsock,path={}", socket.display()),
+                "-device".to_string(),
+                "vhost-user-vsock-device,chardev=vsock".to_string(),
+            ];
+            vsock = Some(child);
+        }
+
+        let initrd = match plan.initrd.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            parts => {
+                let joined = run_dir.join("initrd.cpio");
+                let mut out = std::fs::File::create(&joined)?;
+                for p in parts {
+                    std::io::copy(&mut std::fs::File::open(p)?, &mut out)?;
+                }
+                Some(joined)
+            }
+        };
+        let mem = plan.memory_mib;
+        let mut cmd = Command::new(qemu_bin);
+        cmd.args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
+        ])
+        .args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-m", &format!("{mem}M"), "-smp", &plan.cpus.to_string()])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-sandbox",
+            "on",
+        ])
+        .arg("-kernel")
+        .arg(&plan.kernel)
+        .args(["-append", &format!("{} {CMDLINE_EXTRA}", plan.cmdline)])
+        .args(&vsock_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        if let Some(initrd) = &initrd {
+            cmd.arg("-initrd").arg(initrd);
+        }
+        match &plan.console {
+            Console::File(path) => cmd.args(["-serial", &format!("file:{}", path.display())]),
+            Console::Stderr => cmd.args(["-serial", "stdio"]).stdout(Stdio::inherit()),
+        };
+        die_with_parent(&mut cmd);
+        let qemu = match cmd.spawn() {
+            Ok(q) => q,
+            Err(source) => {
+                if let Some(mut v) = vsock {
+                    let _ = v.kill();
+                    let _ = v.wait();
+                }
+                return Err(Error::Spawn {
+                    program: "qemu-system-x86_64",
+                    source,
+                });
+            }
+        };
+        Ok(Qemu { qemu, vsock })
+    }
+
+    /// Waits for QEMU to end (or `timeout`), then ends the vsock helper, which outlives QEMU.
+    /// Returns whether QEMU ended by itself.
+    pub fn wait(mut self, timeout: Option<Duration>) -> std::io::Result<bool> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let ended = loop {
+            if self.qemu.try_wait()?.is_some() {
+                break true;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let _ = self.qemu.kill();
+                let _ = self.qemu.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if let Some(mut v) = self.vsock.take() {
+            let _ = v.kill();
+            let _ = v.wait();
+        }
+        Ok(ended)
+    }
+
+    /// The QEMU process id, to stop it from another thread.
+    pub fn pid(&self) -> u32 {
+        self.qemu.id()
+    }
+}

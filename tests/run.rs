@@ -1,0 +1,368 @@
+//! `microvm run` end to end: the real guest kernel and the real init, through whichever backend
+//! boots Linux here (QEMU's TCG on hosts whose KVM is PVM), exercising the agent protocol.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The guest kernel built by scripts/build-kernel, or None with a loud line saying why not.
+fn kernel(test: &str) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("MICROVM_KERNEL").map(PathBuf::from),
+        Some(PathBuf::from("/var/lib/microvm/kernel/vmlinux")),
+    ];
+    match candidates.into_iter().flatten().find(|p| p.is_file()) {
+        Some(k) => Some(k),
+        None => {
+            let line = format!("SKIPPED {test}: no guest kernel (run scripts/build-kernel)\n");
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            None
+        }
+    }
+}
+
+/// A root directory with busybox (from Debian's busybox-static) and a passwd file.
+fn rootfs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("rootfs-{}", std::process::id()));
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("install busybox-static");
+        for applet in [
+            "sh", "echo", "cat", "head", "md5sum", "id", "pwd", "sleep", "env", "kill", "true",
+            "false", "hostname", "ls",
+        ] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(
+            dir.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+        std::fs::write(dir.join("etc/data.txt"), "not a program\n").unwrap();
+        dir
+    })
+}
+
+/// `microvm run` through QEMU with `extra` flags, the rootfs, and `cmd`.
+fn run_cmd(kernel: &Path, extra: &[&str], cmd: &[&str]) -> Command {
+    let mut c = microvm();
+    c.args([
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--timeout",
+        "120",
+        "--kernel",
+    ])
+    .arg(kernel)
+    .args(extra)
+    .arg("--rootfs")
+    .arg(rootfs())
+    .args(cmd);
+    c
+}
+
+fn output(kernel: &Path, extra: &[&str], cmd: &[&str]) -> Output {
+    run_cmd(kernel, extra, cmd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr_without_warning(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("microvm: warning: --hypervisor qemu"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn streams_are_separate_and_exit_codes_pass_through() {
+    let Some(k) = kernel("streams_are_separate_and_exit_codes_pass_through") else {
+        return;
+    };
+    let o = output(&k, &[], &["sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(stderr_without_warning(&o), "err\n");
+    assert_eq!(o.status.code(), Some(7));
+    let warning = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        warning.contains("TCG), which is not a hardware isolation boundary"),
+        "{warning}"
+    );
+
+    for (cmd, code) in [
+        (vec!["true"], 0),
+        (vec!["false"], 1),
+        (vec!["sh", "-c", "kill -9 $$"], 137),
+    ] {
+        let o = output(&k, &[], &cmd);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn user_workdir_env_and_hostname_apply() {
+    let Some(k) = kernel("user_workdir_env_and_hostname_apply") else {
+        return;
+    };
+    let o = output(
+        &k,
+        &[
+            "-u",
+            "nobody",
+            "-w",
+            "/tmp/work",
+            "-e",
+            "GREETING=hello there",
+            "--hostname",
+            "box1",
+        ],
+        &[
+            "sh",
+            "-c",
+            "id -u; id -g; pwd; echo \"$GREETING\"; hostname; echo $HOME",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "65534\n65534\n/tmp/work\nhello there\nbox1\n/nonexistent\n"
+    );
+}
+
+#[test]
+fn stdin_is_piped_through() {
+    let Some(k) = kernel("stdin_is_piped_through") else {
+        return;
+    };
+    let data = pattern(3 << 20, 11);
+    let mut child = run_cmd(&k, &["-i"], &["md5sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data).map(|_| data));
+    let o = child.wait_with_output().unwrap();
+    let data = feeder.join().unwrap().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let expected = md5_hex(&data);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("{expected}  -\n")
+    );
+    // Without -i the process reads an empty stdin and ends.
+    let o = output(&k, &[], &["cat"]);
+    assert_eq!((o.status.code(), o.stdout.len()), (Some(0), 0));
+}
+
+#[test]
+fn hundred_megabytes_of_output_arrive_intact() {
+    let Some(k) = kernel("hundred_megabytes_of_output_arrive_intact") else {
+        return;
+    };
+    let o = output(
+        &k,
+        &["--memory", "512"],
+        &[
+            "sh",
+            "-c",
+            "head -c 100000000 /dev/urandom > /tmp/d && md5sum /tmp/d >&2 && cat /tmp/d",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.stdout.len(), 100_000_000);
+    let guest_sum = stderr_without_warning(&o);
+    assert_eq!(guest_sum, format!("{}  /tmp/d\n", md5_hex(&o.stdout)));
+}
+
+#[test]
+fn two_vms_at_once() {
+    let Some(k) = kernel("two_vms_at_once") else {
+        return;
+    };
+    let a = run_cmd(&k, &[], &["sh", "-c", "sleep 1; echo a"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = run_cmd(&k, &[], &["sh", "-c", "sleep 1; echo b"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(
+        (a.status.code(), &a.stdout[..]),
+        (Some(0), &b"a\n"[..]),
+        "{}",
+        String::from_utf8_lossy(&a.stderr)
+    );
+    assert_eq!(
+        (b.status.code(), &b.stdout[..]),
+        (Some(0), &b"b\n"[..]),
+        "{}",
+        String::from_utf8_lossy(&b.stderr)
+    );
+}
+
+#[test]
+fn start_failures_use_docker_codes() {
+    let Some(k) = kernel("start_failures_use_docker_codes") else {
+        return;
+    };
+    let o = output(&k, &[], &["no-such-program"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert!(
+        stderr_without_warning(&o).contains("executable file not found in $PATH"),
+        "{}",
+        stderr_without_warning(&o)
+    );
+    let o = output(&k, &[], &["/etc/data.txt"]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr_without_warning(&o));
+    let o = output(&k, &["-u", "nosuchuser"], &["true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr_without_warning(&o).contains("unable to find user nosuchuser"));
+}
+
+#[test]
+fn signals_reach_the_process() {
+    let Some(k) = kernel("signals_reach_the_process") else {
+        return;
+    };
+    let mut child = run_cmd(
+        &k,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "got TERM\n");
+    assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn a_guest_that_ends_without_an_exit_record_is_a_crash() {
+    // Our VMM with a bare-metal guest instead of Linux: it prints and resets, so no agent ever
+    // reports; microvm must call that a crash and show the console, not report success.
+    if !kvm_or_skip("a_guest_that_ends_without_an_exit_record_is_a_crash") {
+        return;
+    }
+    let o = microvm()
+        .args(["run", "--hypervisor", "kvm", "--timeout", "30", "--kernel"])
+        .arg(guest("pvh.elf"))
+        .arg("--rootfs")
+        .arg(rootfs())
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("the guest crashed before the command's exit status arrived"),
+        "{err}"
+    );
+    assert!(
+        err.contains("  guest: boot=pvh"),
+        "console lines expected: {err}"
+    );
+}
+
+#[test]
+fn bad_run_input_is_one_line_and_125() {
+    let cases: [&[&str]; 4] = [
+        &["run", "--rootfs", "/nonexistent/dir", "true"],
+        &["run", "--rootfs", "/"],
+        &["run", "busybox", "true"],
+        &[
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--kernel",
+            "/nonexistent",
+            "--rootfs",
+            "/",
+            "true",
+        ],
+    ];
+    for args in cases {
+        let o = microvm().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
+        assert!(
+            err.lines().all(|l| l.starts_with("microvm: ")),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let out = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            let mut stdin = c.stdin.take().unwrap();
+            let data = data.to_vec();
+            let t = std::thread::spawn(move || stdin.write_all(&data));
+            let o = c.wait_with_output();
+            t.join().unwrap()?;
+            o
+        });
+    String::from_utf8_lossy(&out.unwrap().stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
