@@ -178,9 +178,8 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
 /// frame began.
 pub fn read_frame(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, Error> {
     let mut len = [0u8; 4];
-    match read_exact_or_eof(r, &mut len)? {
-        false => return Ok(None),
-        true => {}
+    if !read_exact_or_eof(r, &mut len)? {
+        return Ok(None);
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > max {
