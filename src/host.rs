@@ -65,6 +65,9 @@ pub fn default_kernel_candidates() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("MICROVM_KERNEL") {
         v.push(PathBuf::from(p));
     }
+    if let Some(cache) = std::env::var_os("MICROVM_KERNEL_CACHE") {
+        v.push(PathBuf::from(cache).join("vmlinux"));
+    }
     v.push(data_dir().join("kernel/vmlinux"));
     if data_dir() != Path::new("/var/lib/microvm") {
         v.push(PathBuf::from("/var/lib/microvm/kernel/vmlinux"));

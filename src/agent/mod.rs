@@ -168,6 +168,11 @@ impl Session {
             other => return Err(Error::Protocol(format!("expected a hello, got {other:?}"))),
         }
         control.set_read_timeout(None)?;
+        let ready = crate::timing::since_start();
+        tracing::info!(
+            "guest agent ready {:.1} ms after start",
+            ready.as_secs_f64() * 1e3
+        );
         let wants_stdin = spec.stdin;
         proto::send(&mut control, &Message::Run(spec))?;
 
