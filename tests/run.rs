@@ -366,3 +366,66 @@ fn md5_hex(data: &[u8]) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Whether `pid` still runs (an exited process waiting to be reaped does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+        })
+        .is_some_and(|state| state != 'Z')
+}
+
+#[test]
+fn killing_microvm_leaves_no_helper_running() {
+    let Some(k) = kernel("killing_microvm_leaves_no_helper_running") else {
+        return;
+    };
+    let mut child = run_cmd(&k, &[], &["sh", "-c", "echo ready; sleep 100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "ready\n");
+    let parent = child.id().to_string();
+    let helpers: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .to_string();
+            (ppid == parent)
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    assert_eq!(
+        helpers.len(),
+        2,
+        "QEMU and vhost-device-vsock expected as children"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while helpers.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        helpers.iter().all(|p| !alive(*p)),
+        "helpers outlived microvm: {helpers:?}"
+    );
+}

@@ -87,10 +87,9 @@ impl RunningVm {
                 let pid = q.pid();
                 let waiter = std::thread::spawn(move || {
                     let _guard = guard;
-                    match q.wait(timeout) {
-                        Ok(true) => Ok(VmEnd::GuestStopped),
-                        Ok(false) => Ok(VmEnd::TimedOut),
-                        Err(e) => Err(format!("waiting for QEMU: {e}")),
+                    match q.wait(timeout)? {
+                        true => Ok(VmEnd::GuestStopped),
+                        false => Ok(VmEnd::TimedOut),
                     }
                 });
                 (waiter, Stopper::Qemu(pid))

@@ -188,17 +188,30 @@ impl Qemu {
     }
 
     /// Waits for QEMU to end (or `timeout`), then ends the vsock helper, which outlives QEMU.
-    /// Returns whether QEMU ended by itself.
-    pub fn wait(mut self, timeout: Option<Duration>) -> std::io::Result<bool> {
+    /// Returns whether QEMU ended by itself; a vsock helper that dies first is an error (and
+    /// QEMU is stopped), never a hang.
+    pub fn wait(mut self, timeout: Option<Duration>) -> Result<bool, String> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let ended = loop {
-            if self.qemu.try_wait()?.is_some() {
-                break true;
+        let result = loop {
+            match self.qemu.try_wait() {
+                Ok(Some(_)) => break Ok(true),
+                Ok(None) => {}
+                Err(e) => break Err(format!("waiting for QEMU: {e}")),
+            }
+            if let Some(v) = self.vsock.as_mut() {
+                if let Ok(Some(status)) = v.try_wait() {
+                    self.vsock = None;
+                    let _ = self.qemu.kill();
+                    let _ = self.qemu.wait();
+                    break Err(format!(
+                        "vhost-device-vsock exited while the VM ran ({status})"
+                    ));
+                }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let _ = self.qemu.kill();
                 let _ = self.qemu.wait();
-                break false;
+                break Ok(false);
             }
             std::thread::sleep(Duration::from_millis(5));
         };
@@ -206,7 +219,7 @@ impl Qemu {
             let _ = v.kill();
             let _ = v.wait();
         }
-        Ok(ended)
+        result
     }
 
     /// The QEMU process id, to stop it from another thread.

@@ -286,6 +286,8 @@ impl Run {
     }
 }
 
+/// A fresh per-run directory named `<pid>-<nonce>`; directories left by runs that were killed
+/// (their pid is gone) are removed on the way.
 fn new_run_dir() -> Result<RunDir, String> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = crate::host::runtime_dir();
@@ -294,6 +296,17 @@ fn new_run_dir() -> Result<RunDir, String> {
         .mode(0o700)
         .create(&parent)
         .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(p, _)| p.parse::<i32>().ok());
+        if pid.is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())

@@ -15,6 +15,7 @@ pub mod mptable;
 pub mod regs;
 mod teardown;
 pub mod vcpu;
+pub mod virtio;
 
 use std::fs::File;
 use std::io::Write;
@@ -96,6 +97,9 @@ pub enum Error {
     /// Device layout.
     #[error("device layout: {0}")]
     Bus(#[from] bus::Error),
+    /// Virtio devices.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
     /// Initial vCPU state could not be written to guest memory.
     #[error("cannot write initial CPU structures: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
@@ -129,6 +133,8 @@ pub struct Vm {
     // teardown keeper holds the VM on, by which time no vCPU can touch guest memory).
     vcpus: Vec<Vcpu>,
     stop: Arc<StopSignal>,
+    /// Device-loop subscribers (virtio devices), handed to the loop by [`Vm::run`].
+    devices: Vec<device_loop::Subscriber>,
     timeout: Option<Duration>,
     defer_teardown: bool,
     _vm: VmFd,
@@ -186,6 +192,7 @@ fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
 fn load_guest(
     memory: &GuestMemoryMmap,
     plan: &VmPlan,
+    cmdline: &str,
     kernel_file: &mut File,
     mut initrd: Vec<(File, u64)>,
 ) -> Result<boot::LoadedKernel, Error> {
@@ -198,9 +205,9 @@ fn load_guest(
         let low_end = memory::low_ram_end(mem_size);
         Some(boot::load_initrd(memory, &mut initrd, &kernel, low_end)?)
     };
-    boot::write_cmdline(memory, &plan.cmdline)?;
+    boot::write_cmdline(memory, cmdline)?;
     let map = memory::memory_map(mem_size);
-    boot::write_boot_info(memory, &kernel, plan.cmdline.len(), initrd_at, &map)?;
+    boot::write_boot_info(memory, &kernel, cmdline.len(), initrd_at, &map)?;
     mptable::setup(memory, plan.cpus)?;
     Ok(kernel)
 }
@@ -326,12 +333,15 @@ impl Vm {
         };
         kvm(|| vm.create_pit2(pit)).map_err(ioctl("KVM_CREATE_PIT2"))?;
 
-        let kernel = load_guest(&memory, plan, &mut kernel_file, initrd)?;
+        // Virtio devices first: the guest learns of them from its command line.
+        let virtio = virtio::VirtioDevices::create(&vm, &memory, plan)?;
+        let cmdline = virtio.kernel_cmdline(&plan.cmdline)?;
+        let kernel = load_guest(&memory, plan, &cmdline, &mut kernel_file, initrd)?;
         let stop = Arc::new(StopSignal::new().map_err(host_err("stop eventfd"))?);
         let pio = legacy_devices(&vm, console, &stop)?;
         let wiring = vcpu::Wiring {
             pio,
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(virtio.mmio),
             stop: stop.clone(),
         };
         let vcpus = create_vcpus(&kvm_sys, &vm, &memory, &kernel, plan.cpus, &wiring)?;
@@ -339,6 +349,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             stop,
+            devices: virtio.subscribers,
             timeout: plan.timeout,
             defer_teardown: false,
             _vm: vm,
@@ -373,8 +384,8 @@ impl Vm {
             )
             .map_err(host_err("epoll"))?;
 
-        let devices =
-            device_loop::DeviceLoop::start(Vec::new()).map_err(host_err("device loop"))?;
+        let devices = device_loop::DeviceLoop::start(std::mem::take(&mut self.devices))
+            .map_err(host_err("device loop"))?;
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let t = std::thread::Builder::new()

@@ -503,6 +503,394 @@ static void mode_smp(const struct boot *b)
 		start_aps(rd32(cfg, 36) ? rd32(cfg, 36) : 0xfee00000, cpus ? cpus - 1 : 0);
 }
 
+/* ---- mode vsock: a polling virtio-mmio vsock driver ---- */
+
+/* virtio-mmio registers (virtio 1.2, 4.2.2) */
+#define VIRTIO_MAGIC		0x000
+#define VIRTIO_VERSION		0x004
+#define VIRTIO_DEVICE_ID	0x008
+#define VIRTIO_DEV_FEAT		0x010
+#define VIRTIO_DEV_FEAT_SEL	0x014
+#define VIRTIO_DRV_FEAT		0x020
+#define VIRTIO_DRV_FEAT_SEL	0x024
+#define VIRTIO_QUEUE_SEL	0x030
+#define VIRTIO_QUEUE_NUM_MAX	0x034
+#define VIRTIO_QUEUE_NUM	0x038
+#define VIRTIO_QUEUE_READY	0x044
+#define VIRTIO_QUEUE_NOTIFY	0x050
+#define VIRTIO_STATUS		0x070
+#define VIRTIO_QUEUE_DESC	0x080	/* low; high at +4 */
+#define VIRTIO_QUEUE_AVAIL	0x090
+#define VIRTIO_QUEUE_USED	0x0a0
+#define VIRTIO_CONFIG		0x100
+
+#define VQ_RINGS	0x400000	/* three queues, 16 KiB each: desc, avail, used pages */
+#define VQ_BUFS		0x440000	/* RX buffers, then the TX buffer */
+#define VQ_N		8		/* entries per queue */
+#define VQ_BUF_SIZE	4096
+
+#define VS_REQUEST	1
+#define VS_RESPONSE	2
+#define VS_RST		3
+#define VS_SHUTDOWN	4
+#define VS_RW		5
+#define VS_CREDIT_UPDATE 6
+#define VS_CREDIT_REQUEST 7
+#define VS_BUF_ALLOC	65536
+#define VS_WAIT_US	10000000ULL	/* 10 s: TSC_PER_US makes it longer, never shorter */
+
+struct vq {
+	uint64_t base;		/* desc table; avail ring at +0x1000, used at +0x2000 */
+	uint16_t avail_idx;
+	uint16_t last_used;
+};
+
+struct vsock {
+	uint64_t mmio;
+	uint64_t cid;
+	struct vq q[3];		/* rx, tx, event */
+};
+
+struct vpkt {
+	uint32_t src_port, dst_port, len, flags, buf_alloc, fwd_cnt;
+	uint16_t op;
+	char data[VQ_BUF_SIZE];
+};
+
+static uint32_t mr(const struct vsock *v, unsigned off)
+{
+	return *(volatile uint32_t *)phys(v->mmio + off);
+}
+
+static void mw(const struct vsock *v, unsigned off, uint32_t val)
+{
+	*(volatile uint32_t *)phys(v->mmio + off) = val;
+}
+
+/* Byte loops through volatile pointers: GCC must not turn them into memcpy calls. */
+static void vcopy(uint64_t dst, const void *src, uint32_t n)
+{
+	volatile uint8_t *d = phys(dst);
+	const uint8_t *s = src;
+
+	while (n--)
+		*d++ = *s++;
+}
+
+static void vzero(uint64_t dst, uint32_t n)
+{
+	volatile uint8_t *d = phys(dst);
+
+	while (n--)
+		*d++ = 0;
+}
+
+static void barrier(void)
+{
+	__asm__ volatile("" ::: "memory");
+}
+
+static volatile uint16_t *vq_u16(uint64_t addr) { return phys(addr); }
+static volatile uint32_t *vq_u32(uint64_t addr) { return phys(addr); }
+static volatile uint64_t *vq_u64(uint64_t addr) { return phys(addr); }
+
+static void vq_desc(struct vq *q, uint16_t i, uint64_t addr, uint32_t len, uint16_t flags)
+{
+	uint64_t d = q->base + 16 * i;
+
+	*vq_u64(d) = addr;
+	*vq_u32(d + 8) = len;
+	*vq_u16(d + 12) = flags;
+	*vq_u16(d + 14) = 0;
+}
+
+static void vq_publish(struct vsock *v, int qi, uint16_t head)
+{
+	struct vq *q = &v->q[qi];
+
+	*vq_u16(q->base + 0x1000 + 4 + 2 * (q->avail_idx % VQ_N)) = head;
+	barrier();
+	q->avail_idx++;
+	*vq_u16(q->base + 0x1000 + 2) = q->avail_idx;
+	barrier();
+	mw(v, VIRTIO_QUEUE_NOTIFY, qi);
+}
+
+/* Waits for a used entry; returns 1 and its descriptor id and length, or 0 on timeout. */
+static int vq_used(struct vq *q, uint64_t us, uint32_t *id, uint32_t *len)
+{
+	uint64_t end = rdtsc() + us * TSC_PER_US;
+	uint64_t e;
+
+	while (*vq_u16(q->base + 0x2000 + 2) == q->last_used) {
+		if (rdtsc() > end)
+			return 0;
+		__asm__ volatile("pause");
+	}
+	barrier();
+	e = q->base + 0x2000 + 4 + 8 * (q->last_used % VQ_N);
+	*id = *vq_u32(e);
+	*len = *vq_u32(e + 4);
+	q->last_used++;
+	return 1;
+}
+
+static int vq_setup(struct vsock *v, int qi)
+{
+	struct vq *q = &v->q[qi];
+
+	q->base = VQ_RINGS + 0x4000 * qi;
+	vzero(q->base, 0x3000);
+	mw(v, VIRTIO_QUEUE_SEL, qi);
+	if (mr(v, VIRTIO_QUEUE_NUM_MAX) < VQ_N) {
+		print("vsock: queue %u too small\n", qi);
+		return 0;
+	}
+	mw(v, VIRTIO_QUEUE_NUM, VQ_N);
+	mw(v, VIRTIO_QUEUE_DESC, q->base);
+	mw(v, VIRTIO_QUEUE_DESC + 4, 0);
+	mw(v, VIRTIO_QUEUE_AVAIL, q->base + 0x1000);
+	mw(v, VIRTIO_QUEUE_AVAIL + 4, 0);
+	mw(v, VIRTIO_QUEUE_USED, q->base + 0x2000);
+	mw(v, VIRTIO_QUEUE_USED + 4, 0);
+	mw(v, VIRTIO_QUEUE_READY, 1);
+	return 1;
+}
+
+/* "4K@0xd0000000:5" -> 0xd0000000 */
+static uint64_t parse_mmio_base(const char *s)
+{
+	uint64_t base = 0;
+
+	while (*s && *s != '@')
+		s++;
+	if (s[0] != '@' || s[1] != '0' || s[2] != 'x')
+		return 0;
+	for (s += 3; *s && *s != ':'; s++) {
+		char c = *s;
+
+		if (c >= '0' && c <= '9')
+			base = base * 16 + (c - '0');
+		else if (c >= 'a' && c <= 'f')
+			base = base * 16 + (c - 'a' + 10);
+		else
+			return 0;
+	}
+	return base;
+}
+
+static int vsock_init(struct vsock *v, const char *cmdline)
+{
+	char dev[64];
+
+	if (!cmdline_token(cmdline, "virtio_mmio.device", dev, sizeof(dev)) ||
+	    !(v->mmio = parse_mmio_base(dev))) {
+		print("vsock: no virtio_mmio.device= on the command line\n");
+		return 0;
+	}
+	print("vsock: device at 0x%lx magic=%s version=%u id=%u\n", v->mmio,
+	      mr(v, VIRTIO_MAGIC) == 0x74726976 ? "ok" : "bad", mr(v, VIRTIO_VERSION),
+	      mr(v, VIRTIO_DEVICE_ID));
+	if (mr(v, VIRTIO_MAGIC) != 0x74726976 || mr(v, VIRTIO_VERSION) != 2 ||
+	    mr(v, VIRTIO_DEVICE_ID) != 19)
+		return 0;
+
+	mw(v, VIRTIO_STATUS, 0);
+	mw(v, VIRTIO_STATUS, 1);			/* ACKNOWLEDGE */
+	mw(v, VIRTIO_STATUS, 1 | 2);			/* DRIVER */
+	mw(v, VIRTIO_DEV_FEAT_SEL, 1);
+	if (!(mr(v, VIRTIO_DEV_FEAT) & 1)) {		/* VIRTIO_F_VERSION_1 = bit 32 */
+		print("vsock: VERSION_1 not offered\n");
+		return 0;
+	}
+	mw(v, VIRTIO_DRV_FEAT_SEL, 0);
+	mw(v, VIRTIO_DRV_FEAT, 0);
+	mw(v, VIRTIO_DRV_FEAT_SEL, 1);
+	mw(v, VIRTIO_DRV_FEAT, 1);
+	mw(v, VIRTIO_STATUS, 1 | 2 | 8);		/* FEATURES_OK */
+	if (!(mr(v, VIRTIO_STATUS) & 8)) {
+		print("vsock: features refused\n");
+		return 0;
+	}
+	for (int i = 0; i < 3; i++)
+		if (!vq_setup(v, i))
+			return 0;
+	mw(v, VIRTIO_STATUS, 1 | 2 | 8 | 4);		/* DRIVER_OK */
+	if (mr(v, VIRTIO_STATUS) != (1 | 2 | 8 | 4)) {
+		print("vsock: device refused DRIVER_OK, status=0x%x\n", mr(v, VIRTIO_STATUS));
+		return 0;
+	}
+	v->cid = mr(v, VIRTIO_CONFIG) | (uint64_t)mr(v, VIRTIO_CONFIG + 4) << 32;
+	print("vsock: ready guest_cid=%lu\n", v->cid);
+
+	/* All RX buffers to the device; descriptor i is buffer i. */
+	for (uint16_t i = 0; i < VQ_N; i++) {
+		vq_desc(&v->q[0], i, VQ_BUFS + i * VQ_BUF_SIZE, VQ_BUF_SIZE, 2 /* WRITE */);
+		vq_publish(v, 0, i);
+	}
+	return 1;
+}
+
+/* Sends one packet and waits for the device to take it. */
+static int vs_send(struct vsock *v, uint32_t src_port, uint32_t dst_port, uint16_t op,
+		   uint32_t flags, uint32_t fwd_cnt, const char *data, uint32_t len)
+{
+	uint64_t buf = VQ_BUFS + VQ_N * VQ_BUF_SIZE;
+	uint8_t h[44];
+	uint32_t id, used_len;
+	uint64_t dst_cid = 2;
+	uint16_t type = 1;
+	uint32_t buf_alloc = VS_BUF_ALLOC;
+
+	__builtin_memcpy(h + 0, &v->cid, 8);
+	__builtin_memcpy(h + 8, &dst_cid, 8);
+	__builtin_memcpy(h + 16, &src_port, 4);
+	__builtin_memcpy(h + 20, &dst_port, 4);
+	__builtin_memcpy(h + 24, &len, 4);
+	__builtin_memcpy(h + 28, &type, 2);
+	__builtin_memcpy(h + 30, &op, 2);
+	__builtin_memcpy(h + 32, &flags, 4);
+	__builtin_memcpy(h + 36, &buf_alloc, 4);
+	__builtin_memcpy(h + 40, &fwd_cnt, 4);
+	vcopy(buf, h, 44);
+	vcopy(buf + 44, data, len);
+	vq_desc(&v->q[1], 0, buf, 44 + len, 0);
+	vq_publish(v, 1, 0);
+	if (!vq_used(&v->q[1], VS_WAIT_US, &id, &used_len)) {
+		print("vsock: TX never completed\n");
+		return 0;
+	}
+	return 1;
+}
+
+/* Receives one packet (and gives its buffer back); 0 on timeout. */
+static int vs_recv(struct vsock *v, struct vpkt *p)
+{
+	uint32_t id, len;
+	const uint8_t *b;
+
+	if (!vq_used(&v->q[0], VS_WAIT_US, &id, &len))
+		return 0;
+	if (id >= VQ_N || len < 44 || len > VQ_BUF_SIZE) {
+		print("vsock: bad used entry id=%u len=%u\n", id, len);
+		return 0;
+	}
+	b = phys(VQ_BUFS + id * VQ_BUF_SIZE);
+	p->src_port = rd32(b, 16);
+	p->dst_port = rd32(b, 20);
+	p->len = rd32(b, 24);
+	p->op = rd16(b, 30);
+	p->flags = rd32(b, 32);
+	p->buf_alloc = rd32(b, 36);
+	p->fwd_cnt = rd32(b, 40);
+	if (p->len > len - 44)
+		p->len = len - 44;
+	for (uint32_t i = 0; i < p->len; i++)
+		((volatile char *)p->data)[i] = b[44 + i];
+	p->data[p->len < VQ_BUF_SIZE ? p->len : VQ_BUF_SIZE - 1] = 0;
+	vq_publish(v, 0, id);
+	return 1;
+}
+
+/*
+ * Waits for a packet on connection (local, remote) with one of the ops in mask,
+ * answering credit requests on the way. RW payloads are appended to line (up to
+ * a newline). Returns the op, or 0 on timeout.
+ */
+static uint16_t vs_wait(struct vsock *v, uint32_t local, uint32_t remote, unsigned mask,
+			uint32_t *fwd_cnt, char *line, uint32_t *line_len, struct vpkt *p)
+{
+	for (;;) {
+		if (!vs_recv(v, p))
+			return 0;
+		if (p->dst_port != local || (remote && p->src_port != remote))
+			continue;	/* another connection's late packet */
+		if (p->op == VS_RW && line) {
+			for (uint32_t i = 0; i < p->len && *line_len + 1 < 128; i++)
+				line[(*line_len)++] = p->data[i];
+			line[*line_len] = 0;
+			*fwd_cnt += p->len;
+		}
+		if (p->op == VS_CREDIT_REQUEST)
+			vs_send(v, local, p->src_port, VS_CREDIT_UPDATE, 0, *fwd_cnt, "", 0);
+		if (mask & (1u << p->op))
+			return p->op;
+	}
+}
+
+static int has_newline(const char *s, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (s[i] == '\n')
+			return 1;
+	return 0;
+}
+
+static void chomp(char *s, uint32_t n)
+{
+	if (n && s[n - 1] == '\n')
+		s[n - 1] = 0;
+}
+
+static void mode_vsock(const struct boot *b)
+{
+	static struct vsock v;
+	static struct vpkt p;
+	static char line[128];
+	uint32_t fwd = 0, n = 0, local = 49152, peer;
+	uint16_t op;
+
+	if (!vsock_init(&v, b->cmdline))
+		return;
+
+	/* Guest to host: CID 2, port 1234. */
+	vs_send(&v, local, 1234, VS_REQUEST, 0, 0, "", 0);
+	op = vs_wait(&v, local, 1234, 1u << VS_RESPONSE | 1u << VS_RST, &fwd, NULL, NULL, &p);
+	if (op != VS_RESPONSE) {
+		print("vsock: connect to port 1234 failed (op %u)\n", op);
+		return;
+	}
+	print("vsock: connected to host port 1234\n");
+	vs_send(&v, local, 1234, VS_RW, 0, fwd, "hello from guest\n", 17);
+	while (!has_newline(line, n)) {
+		op = vs_wait(&v, local, 1234, 1u << VS_RW | 1u << VS_SHUTDOWN | 1u << VS_RST,
+			     &fwd, line, &n, &p);
+		if (op != VS_RW)
+			break;
+	}
+	chomp(line, n);
+	print("vsock: got %s\n", line);
+	vs_send(&v, local, 1234, VS_SHUTDOWN, 3, fwd, "", 0);
+	op = vs_wait(&v, local, 1234, 1u << VS_RST, &fwd, NULL, NULL, &p);
+	print("vsock: closed %s\n", op == VS_RST ? "ok" : "timeout");
+
+	/* Host to guest: wait for a connection to port 5678 and echo one line. */
+	local = 5678;
+	fwd = 0;
+	n = 0;
+	line[0] = 0;
+	print("vsock: listening on port 5678\n");
+	op = vs_wait(&v, local, 0, 1u << VS_REQUEST, &fwd, NULL, NULL, &p);
+	if (op != VS_REQUEST) {
+		print("vsock: no connection came\n");
+		return;
+	}
+	peer = p.src_port;
+	vs_send(&v, local, peer, VS_RESPONSE, 0, 0, "", 0);
+	while (!has_newline(line, n)) {
+		op = vs_wait(&v, local, peer, 1u << VS_RW | 1u << VS_SHUTDOWN | 1u << VS_RST,
+			     &fwd, line, &n, &p);
+		if (op != VS_RW)
+			break;
+	}
+	vs_send(&v, local, peer, VS_RW, 0, fwd, line, n);
+	chomp(line, n);
+	print("vsock: echoed %s\n", line);
+	vs_send(&v, local, peer, VS_SHUTDOWN, 3, fwd, "", 0);
+	op = vs_wait(&v, local, peer, 1u << VS_RST, &fwd, NULL, NULL, &p);
+	print("vsock: closed %s\n", op == VS_RST ? "ok" : "timeout");
+}
+
 /* ---- entry ---- */
 
 void guest_main(int boot, uint64_t info);
@@ -528,6 +916,8 @@ void guest_main(int boot, uint64_t info)
 		mode_info(&b);
 	} else if (streq(mode, "smp")) {
 		mode_smp(&b);
+	} else if (streq(mode, "vsock")) {
+		mode_vsock(&b);
 	} else if (streq(mode, "reset")) {
 		print("hello from guest\n");
 		i8042_reset();

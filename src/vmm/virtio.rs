@@ -1,0 +1,222 @@
+//! Virtio devices in the VM: each gets a virtio-mmio slot (a 4 KiB window in the MMIO gap and an
+//! IOAPIC pin), an irqfd for that pin, an ioeventfd per queue, a place on the MMIO bus, a seat on
+//! the device loop, and a `virtio_mmio.device=` entry on the kernel command line so the guest
+//! finds it.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device_loop::Subscriber;
+use super::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
+use super::mptable::IOAPIC_PINS;
+use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::{vsock, Interrupt, VirtioDevice};
+use crate::devices::{bus, Bus};
+use crate::plan::VmPlan;
+use crate::timing::kvm;
+
+/// First GSI for virtio devices: 0-4 belong to the PIT, keyboard, cascade and COM ports.
+const FIRST_GSI: u32 = 5;
+
+/// Errors placing virtio devices.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] vsock::Error),
+    /// The transport rejected the device.
+    #[error("virtio-mmio: {0}")]
+    Transport(#[from] mmio::Error),
+    /// More devices than IOAPIC pins.
+    #[error("too many virtio devices: only {0} fit the interrupt controller")]
+    TooManyDevices(u32),
+    /// An eventfd for an interrupt.
+    #[error("cannot create an eventfd for a virtio interrupt: {0}")]
+    EventFd(std::io::Error),
+    /// KVM refused an irqfd or ioeventfd.
+    #[error("KVM {what} for the virtio device at {base:#x} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The device's window.
+        base: u64,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// The window overlaps another device.
+    #[error("virtio device layout: {0}")]
+    Bus(#[from] bus::Error),
+    /// The user's command line leaves no room for the device entries.
+    #[error(
+        "the kernel command line is {len} bytes with the virtio device entries ({entries:?}) \
+         added; the limit is {max}: shorten --cmdline",
+        max = CMDLINE_MAX_SIZE - 1
+    )]
+    CmdlineTooLong {
+        /// Length with the entries.
+        len: usize,
+        /// What we appended.
+        entries: String,
+    },
+}
+
+/// Where a virtio-mmio device lives and which interrupt it raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Base of its register window.
+    pub base: u64,
+    /// Its GSI (= IOAPIC pin = ISA IRQ number in the MP table).
+    pub gsi: u32,
+}
+
+impl MmioSlot {
+    /// The kernel parameter that tells Linux about it.
+    pub fn kernel_param(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_WINDOW_SIZE / 1024,
+            self.base,
+            self.gsi
+        )
+    }
+}
+
+/// Hands out slots in order: slot i is at VIRTIO_MMIO_START + i * 4 KiB with GSI 5 + i.
+#[derive(Debug, Default)]
+pub struct MmioSlots {
+    used: u32,
+}
+
+impl MmioSlots {
+    /// The next free slot.
+    pub fn allocate(&mut self) -> Result<MmioSlot, Error> {
+        let gsi = FIRST_GSI + self.used;
+        if gsi >= u32::from(IOAPIC_PINS) {
+            return Err(Error::TooManyDevices(u32::from(IOAPIC_PINS) - FIRST_GSI));
+        }
+        let slot = MmioSlot {
+            base: VIRTIO_MMIO_START + u64::from(self.used) * MMIO_WINDOW_SIZE,
+            gsi,
+        };
+        self.used += 1;
+        Ok(slot)
+    }
+}
+
+/// The VM's virtio devices, ready to be wired into vCPUs and the device loop.
+#[derive(Default)]
+pub struct VirtioDevices {
+    /// The MMIO bus holding their register windows.
+    pub mmio: Bus,
+    /// Their device-loop subscribers.
+    pub subscribers: Vec<Subscriber>,
+    /// `virtio_mmio.device=` entries for the kernel command line.
+    pub kernel_params: Vec<String>,
+    slots: MmioSlots,
+}
+
+impl VirtioDevices {
+    /// Creates the devices `plan` asks for. Host sockets are opened here, before the guest runs.
+    pub fn create(vm: &VmFd, mem: &GuestMemoryMmap, plan: &VmPlan) -> Result<Self, Error> {
+        let mut devices = VirtioDevices::default();
+        if let Some(v) = &plan.vsock {
+            let vsock = Arc::new(Mutex::new(vsock::Vsock::new(
+                u64::from(v.guest_cid),
+                &v.uds_path,
+            )?));
+            devices.attach(vm, mem, vsock.clone())?;
+            devices.subscribers.push(vsock);
+        }
+        Ok(devices)
+    }
+
+    fn attach(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<(), Error> {
+        let slot = self.slots.allocate()?;
+        let ioctl = |what| {
+            move |source| Error::Kvm {
+                what,
+                base: slot.base,
+                source,
+            }
+        };
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        kvm(|| vm.register_irqfd(&irqfd, slot.gsi)).map_err(ioctl("KVM_IRQFD"))?;
+        let transport = MmioTransport::new(mem.clone(), device, Interrupt::new(irqfd))?;
+        // Kicks for queue i (a 4-byte write of i to QueueNotify) go straight to that queue's
+        // eventfd, without a vCPU exit.
+        let notify = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+        for (i, evt) in transport.queue_events().iter().enumerate() {
+            kvm(|| vm.register_ioevent(evt, &notify, i as u32)).map_err(ioctl("KVM_IOEVENTFD"))?;
+        }
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW_SIZE)?;
+        self.kernel_params.push(slot.kernel_param());
+        Ok(())
+    }
+
+    /// The user's command line followed by the device entries, within the x86 limit.
+    pub fn kernel_cmdline(&self, user: &str) -> Result<String, Error> {
+        append_params(user, &self.kernel_params)
+    }
+}
+
+fn append_params(user: &str, params: &[String]) -> Result<String, Error> {
+    let mut line = user.to_owned();
+    for p in params {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(p);
+    }
+    if line.len() >= CMDLINE_MAX_SIZE {
+        return Err(Error::CmdlineTooLong {
+            len: line.len(),
+            entries: params.join(" "),
+        });
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_consecutive_windows_and_gsis() {
+        let mut s = MmioSlots::default();
+        let a = s.allocate().unwrap();
+        let b = s.allocate().unwrap();
+        assert_eq!((a.base, a.gsi), (0xd000_0000, 5));
+        assert_eq!((b.base, b.gsi), (0xd000_1000, 6));
+        assert_eq!(a.kernel_param(), "virtio_mmio.device=4K@0xd0000000:5");
+        for _ in 2..19 {
+            s.allocate().unwrap();
+        }
+        assert!(matches!(s.allocate(), Err(Error::TooManyDevices(19))));
+    }
+
+    #[test]
+    fn params_follow_the_user_cmdline_within_the_limit() {
+        let p = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            append_params("console=ttyS0", &p).unwrap(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(append_params("", &p).unwrap(), p[0]);
+        assert_eq!(append_params("x", &[]).unwrap(), "x");
+        let fits = "a".repeat(2047 - 1 - p[0].len());
+        assert_eq!(append_params(&fits, &p).unwrap().len(), 2047);
+        let err = append_params(&format!("{fits}a"), &p).unwrap_err();
+        assert!(err.to_string().contains("2048 bytes"), "{err}");
+        assert!(err.to_string().contains("limit is 2047"), "{err}");
+    }
+}
