@@ -429,3 +429,27 @@ fn killing_microvm_leaves_no_helper_running() {
         "helpers outlived microvm: {helpers:?}"
     );
 }
+
+#[test]
+fn tty_gives_the_process_a_terminal() {
+    let Some(k) = kernel("tty_gives_the_process_a_terminal") else {
+        return;
+    };
+    let o = output(
+        &k,
+        &["-t"],
+        &["sh", "-c", "tty; echo to-stderr >&2; exit 4"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // One terminal carries both streams (with its CR LF line endings).
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "/dev/pts/0\r\nto-stderr\r\n"
+    );
+    assert_eq!(stderr_without_warning(&o), "");
+}

@@ -79,6 +79,19 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// QEMU needs no network, no System V IPC and no hostname of ours: it gets new, empty network,
+/// IPC and UTS namespaces where the kernel lets us create them (as root), and runs as it is where
+/// it does not.
+fn own_namespaces(cmd: &mut Command) {
+    // SAFETY: unshare is a plain syscall, async-signal-safe, touching no parent memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS);
+            Ok(())
+        });
+    }
+}
+
 impl Qemu {
     /// Starts vhost-device-vsock (if the plan has vsock) and QEMU; `run_dir` holds their sockets
     /// and the concatenated initrd. Must be called on the thread that outlives the VM.
@@ -171,6 +184,7 @@ impl Qemu {
             Console::Stderr => cmd.args(["-serial", "stdio"]).stdout(Stdio::inherit()),
         };
         die_with_parent(&mut cmd);
+        own_namespaces(&mut cmd);
         let qemu = match cmd.spawn() {
             Ok(q) => q,
             Err(source) => {

@@ -346,7 +346,16 @@ fn spawn_control_reader(
                     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
                 }
             }
-            Ok(Message::Shutdown) | Err(_) => {
+            Ok(Message::Shutdown) => {
+                // The host asks to power off, also while the process runs: end every process
+                // so the reaper returns; the exit record then says SIGKILL.
+                if process.is_some() {
+                    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+                }
+                let _ = shutdown_tx.send(());
+                return;
+            }
+            Err(_) => {
                 let _ = shutdown_tx.send(());
                 return;
             }
