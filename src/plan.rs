@@ -31,6 +31,20 @@ pub struct VsockPlan {
     pub uds_path: PathBuf,
 }
 
+/// Longest virtio-blk serial (the field is 20 bytes).
+pub const MAX_SERIAL: usize = 20;
+
+/// A virtio-blk disk: a host file, read-only or writable, that the guest finds by its serial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlan {
+    /// Backing file (raw image).
+    pub path: PathBuf,
+    /// Refuse guest writes (VIRTIO_BLK_F_RO, and the file opened read-only).
+    pub read_only: bool,
+    /// Serial the guest reads with VIRTIO_BLK_T_GET_ID; at most [`MAX_SERIAL`] bytes.
+    pub serial: String,
+}
+
 /// Everything a backend needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmPlan {
@@ -51,4 +65,6 @@ pub struct VmPlan {
     pub console: Console,
     /// The vsock device, if any.
     pub vsock: Option<VsockPlan>,
+    /// Block devices, in the order they are attached.
+    pub disks: Vec<DiskPlan>,
 }

@@ -73,6 +73,7 @@ pub fn run(args: BootArgs) -> i32 {
             guest_cid: GUEST_CID,
             uds_path,
         }),
+        disks: Vec::new(),
     };
     // Ctrl-C, SIGTERM and SIGHUP stop the VM (status 128+n); blocked before any thread starts.
     let signals = match HostSignals::block(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]) {

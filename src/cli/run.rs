@@ -192,6 +192,7 @@ impl Run {
                 guest_cid: GUEST_CID,
                 uds_path: run_dir.0.join("vsock.sock"),
             }),
+            disks: Vec::new(),
         };
         Ok(Run {
             hypervisor,
