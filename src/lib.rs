@@ -8,9 +8,11 @@
 pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod container;
 pub mod devices;
 pub mod host;
 pub mod initramfs;
 pub mod plan;
+pub mod scratch;
 pub mod timing;
 pub mod vmm;

@@ -242,13 +242,20 @@ impl Session {
     /// Waits until the process has ended and all its output has arrived, then tells the agent to
     /// power off. Fails if the VM ends first.
     pub fn finish(self, watch: &VmWatch) -> Result<Outcome, Error> {
+        self.finish_timed(watch).map(|(outcome, _)| outcome)
+    }
+
+    /// [`Session::finish`], also returning when the process started (time since microvm
+    /// started), if it did.
+    pub fn finish_timed(self, watch: &VmWatch) -> Result<(Outcome, Option<Duration>), Error> {
+        let mut started = None;
         let outcome = loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Message::Exited(status)) => break Outcome::Exited(status),
                 Ok(Message::StartFailed { kind, message }) => {
                     break Outcome::StartFailed { kind, message }
                 }
-                Ok(Message::Started { .. }) => {}
+                Ok(Message::Started { .. }) => started = Some(crate::timing::since_start()),
                 Ok(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
                 Err(mpsc::RecvTimeoutError::Timeout) if !watch.ended() => {}
                 Err(_) => return Err(Error::GuestEnded),
@@ -263,7 +270,7 @@ impl Session {
             }
         }
         self.control.send(&Message::Shutdown);
-        Ok(outcome)
+        Ok((outcome, started))
     }
 }
 

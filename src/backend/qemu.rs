@@ -18,6 +18,9 @@ use crate::plan::{Console, VmPlan};
 /// QEMU exiting.
 pub const CMDLINE_EXTRA: &str = "reboot=t";
 
+/// virtio-mmio transports of QEMU's microvm machine without ACPI.
+pub const TRANSPORTS: usize = 8;
+
 /// Errors starting or running QEMU.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -40,6 +43,9 @@ pub enum Error {
     /// vhost-device-vsock did not come up.
     #[error("vhost-device-vsock did not create its socket {0} (see its messages above)")]
     VsockBackend(PathBuf),
+    /// More devices than QEMU's microvm has transports.
+    #[error("{0} virtio devices do not fit QEMU's microvm, which has {TRANSPORTS} transports")]
+    TooManyDevices(usize),
     /// Preparing files for QEMU failed.
     #[error("preparing the QEMU run: {0}")]
     Io(#[from] std::io::Error),
@@ -150,6 +156,24 @@ impl Qemu {
                 Some(joined)
             }
         };
+        let devices = plan.disks.len() + usize::from(plan.vsock.is_some());
+        if devices > TRANSPORTS {
+            return Err(Error::TooManyDevices(devices));
+        }
+        let mut disk_args = Vec::new();
+        for (i, d) in plan.disks.iter().enumerate() {
+            let readonly = if d.read_only { "on" } else { "off" };
+            disk_args.push("-drive".to_string());
+            disk_args.push(format!(
+                "id=disk{i},file={},format=raw,if=none,readonly={readonly}",
+                d.path.display()
+            ));
+            disk_args.push("-device".to_string());
+            disk_args.push(format!(
+                "virtio-blk-device,drive=disk{i},serial={}",
+                d.serial
+            ));
+        }
         let mem = plan.memory_mib;
         let mut cmd = Command::new(qemu_bin);
         cmd.args([
@@ -172,8 +196,9 @@ impl Qemu {
         ])
         .arg("-kernel")
         .arg(&plan.kernel)
-        .args(["-append", &format!("{} {CMDLINE_EXTRA}", plan.cmdline)])
+        .args(["-append", &plan.cmdline])
         .args(&vsock_args)
+        .args(&disk_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
         if let Some(initrd) = &initrd {

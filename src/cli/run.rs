@@ -7,20 +7,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use microvm_agent_protocol::{self as proto, Message, RunSpec, StartFailure};
+use microvm_agent_protocol::{self as proto, Message, RootSpec, RunSpec, StartFailure};
 use nix::sys::signal::Signal;
 
 use super::signals::HostSignals;
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::agent::{self, HostIo, Listener, Outcome, Session};
 use crate::backend::{self, Hypervisor, RunningVm, VmEnd};
-use crate::plan::{Console, VmPlan, VsockPlan, GUEST_CID};
+use crate::container;
+use crate::plan::{Console, DiskPlan, VmPlan, VsockPlan, GUEST_CID};
 
 /// Kernel options every run uses: console on COM1 (kept for crash reports), quiet, and no
 /// reboot loop on panic: the VM ends and the host reports the crash.
 const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
-/// Environment every process starts with, as docker gives it.
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Console lines shown when the guest crashes.
 const CONSOLE_TAIL: usize = 20;
 
@@ -28,7 +27,8 @@ const CONSOLE_TAIL: usize = 20;
 #[derive(Debug, Args)]
 #[command(trailing_var_arg = true)]
 pub struct RunArgs {
-    /// The first argument is a directory to use as the container's root (copied into the VM).
+    /// The first argument is a directory to use as the container's root (copied into the VM)
+    /// instead of an image.
     #[arg(long)]
     pub rootfs: bool,
     /// Keep stdin open and relay it to the process.
@@ -64,8 +64,21 @@ pub struct RunArgs {
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long, value_name = "S")]
     pub timeout: Option<f64>,
-    /// With --rootfs: the root directory, then the command and its arguments.
-    #[arg(value_name = "ROOTFS COMMAND", allow_hyphen_values = true)]
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Read environment variables from a file (KEY=VALUE lines).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Accepted for docker compatibility: the container's sandbox layer is always discarded.
+    #[arg(long)]
+    pub rm: bool,
+    /// Print how long each phase took (image, plan, boot, agent ready, exec, exit) on stderr.
+    #[arg(long)]
+    pub timings: bool,
+    /// IMAGE (a stored name or a transport reference such as oci:DIR:TAG) or, with --rootfs,
+    /// a directory; then the command and its arguments.
+    #[arg(value_name = "IMAGE [COMMAND [ARG...]]", allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
 
@@ -102,6 +115,24 @@ struct Run {
     plan: VmPlan,
     spec: RunSpec,
     run_dir: RunDir,
+    timings: bool,
+}
+
+/// Serial of the scratch disk (the container's sandbox layer).
+const SCRATCH_SERIAL: &str = "scratch";
+
+/// The image's layers as read-only disks (converted on first use) plus a fresh scratch disk, and
+/// the image's defaults for the process.
+fn image_root(
+    name: &str,
+    run_dir: &std::path::Path,
+    disks: &mut Vec<DiskPlan>,
+) -> Result<(container::ImageDefaults, Option<RootSpec>), String> {
+    // IMAGE-STORE-PENDING: the store lands with the image module.
+    let _ = (name, run_dir, disks);
+    Err::<(container::ImageDefaults, Option<RootSpec>), String>(
+        "running images is not supported yet: give a root directory with --rootfs DIR".into(),
+    )
 }
 
 /// The per-run directory (sockets, console log, initrd parts), removed at the end.
@@ -116,20 +147,12 @@ impl Drop for RunDir {
 impl Run {
     fn prepare(args: RunArgs) -> Result<Run, String> {
         let mut positional = args.args.into_iter();
-        if !args.rootfs {
-            return Err(
-                "running images is not supported yet: give a root directory with --rootfs DIR"
-                    .into(),
-            );
-        }
-        let rootfs = PathBuf::from(positional.next().ok_or("--rootfs needs a directory")?);
-        if !rootfs.is_dir() {
-            return Err(format!("--rootfs {}: not a directory", rootfs.display()));
-        }
-        let argv: Vec<String> = positional.collect();
-        if argv.is_empty() {
-            return Err("no command given: microvm run --rootfs DIR COMMAND [ARG...]".into());
-        }
+        let first = positional.next().ok_or(if args.rootfs {
+            "--rootfs needs a directory: microvm run --rootfs DIR COMMAND [ARG...]"
+        } else {
+            "no image given: microvm run IMAGE [COMMAND [ARG...]]"
+        })?;
+        let cmd: Vec<String> = positional.collect();
         let timeout = match args.timeout {
             None => None,
             Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
@@ -139,6 +162,26 @@ impl Run {
                 ))
             }
         };
+        let mut env = Vec::new();
+        for e in args.env {
+            match e.split_once('=') {
+                Some(_) => env.push(e),
+                // docker: `-e KEY` passes the host's value, and nothing if it is unset.
+                None => env.extend(std::env::var(&e).ok().map(|v| format!("{e}={v}"))),
+            }
+        }
+        for file in &args.env_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("--env-file {}: {e}", file.display()))?;
+            env.extend(container::parse_env_file(&text, |k| std::env::var(k).ok()));
+        }
+        let overrides = container::Overrides {
+            entrypoint: args.entrypoint,
+            cmd,
+            env,
+            workdir: args.workdir,
+            user: args.user,
+        };
         let hypervisor = backend::choose(args.hypervisor)?;
         let kernel = args.kernel.or_else(crate::host::default_kernel).ok_or(
             "no guest kernel found: build it with scripts/build-kernel, or pass --kernel PATH",
@@ -147,33 +190,33 @@ impl Run {
         let run_dir = new_run_dir()?;
         let base = crate::initramfs::base()
             .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
-        let root_archive = run_dir.0.join("rootfs.cpio");
-        crate::initramfs::tree(&rootfs, &root_archive)
-            .map_err(|e| format!("cannot pack --rootfs {}: {e}", rootfs.display()))?;
-
-        let mut env = vec![DEFAULT_PATH.to_string()];
-        for e in args.env {
-            match e.split_once('=') {
-                Some(_) => env.push(e),
-                // docker: `-e KEY` passes the host's value, and nothing if it is unset.
-                None => {
-                    if let Ok(v) = std::env::var(&e) {
-                        env.push(format!("{e}={v}"));
-                    }
-                }
+        let mut initrd = vec![base];
+        let mut disks = Vec::new();
+        let (defaults, root) = if args.rootfs {
+            let dir = PathBuf::from(first);
+            if !dir.is_dir() {
+                return Err(format!("--rootfs {}: not a directory", dir.display()));
             }
-        }
+            let archive = run_dir.0.join("rootfs.cpio");
+            crate::initramfs::tree(&dir, &archive)
+                .map_err(|e| format!("cannot pack --rootfs {}: {e}", dir.display()))?;
+            initrd.push(archive);
+            (container::ImageDefaults::default(), None)
+        } else {
+            image_root(&first, &run_dir.0, &mut disks)?
+        };
+        let process = container::process(&defaults, &overrides)?;
         let tty = args.tty;
-        let winsize = if tty { terminal_size() } else { None };
         let spec = RunSpec {
-            argv,
-            env,
-            cwd: args.workdir.unwrap_or_else(|| "/".into()),
-            user: args.user.unwrap_or_default(),
+            argv: process.argv,
+            env: process.env,
+            cwd: process.cwd,
+            user: process.user,
             hostname: args.hostname.unwrap_or_default(),
             tty,
             stdin: args.interactive,
-            winsize,
+            winsize: if tty { terminal_size() } else { None },
+            root,
         };
         let cmdline = format!(
             "{BASE_CMDLINE} {} {}",
@@ -182,7 +225,7 @@ impl Run {
         );
         let plan = VmPlan {
             kernel,
-            initrd: vec![base, root_archive],
+            initrd,
             cmdline,
             cpus: args.cpus,
             memory_mib: args.memory,
@@ -192,13 +235,14 @@ impl Run {
                 guest_cid: GUEST_CID,
                 uds_path: run_dir.0.join("vsock.sock"),
             }),
-            disks: Vec::new(),
+            disks,
         };
         Ok(Run {
             hypervisor,
             plan,
             spec,
             run_dir,
+            timings: args.timings,
         })
     }
 
@@ -220,6 +264,7 @@ impl Run {
             Ok(l) => l,
             Err(e) => return fail(e),
         };
+        let t_plan = crate::timing::since_start();
         let (vm, watch) = match RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0) {
             Ok(started) => started,
             Err(e) => return fail(e),
@@ -230,8 +275,12 @@ impl Run {
             stdout: Box::new(std::io::stdout()),
             stderr: Box::new(std::io::stderr()),
         };
+        let t_vm = crate::timing::since_start();
+        let mut t_ready = None;
+        let mut t_exec = None;
         let outcome =
             Session::start(&listener, &watch, self.spec.clone(), io).and_then(|session| {
+                t_ready = Some(crate::timing::since_start());
                 let control = session.control();
                 std::thread::spawn(move || {
                     while let Some(sig) = signals.wait() {
@@ -244,13 +293,30 @@ impl Run {
                         }
                     }
                 });
-                session.finish(&watch)
+                let (outcome, started) = session.finish_timed(&watch)?;
+                t_exec = started;
+                Ok(outcome)
             });
         drop(raw);
         if outcome.is_err() {
             vm.stop();
         }
         let end = vm.wait(Duration::from_secs(10));
+        if self.timings {
+            let ms = |d: Option<Duration>| {
+                d.map_or("-".to_string(), |d| {
+                    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+                })
+            };
+            error_line(format!(
+                "timings since start: plan ready {}, VM started {}, agent ready {}, process started {}, exit {}",
+                ms(Some(t_plan)),
+                ms(Some(t_vm)),
+                ms(t_ready),
+                ms(t_exec),
+                ms(Some(crate::timing::since_start()))
+            ));
+        }
         match (outcome, end) {
             (_, Ok(VmEnd::TimedOut)) => {
                 let secs = self.plan.timeout.map_or(0.0, |t| t.as_secs_f64());

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; both sides must agree exactly.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Kernel command-line key carrying the protocol version the host speaks.
 pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
 /// Kernel command-line key carrying the host vsock port the agent connects to.
@@ -87,6 +87,19 @@ pub struct RunSpec {
     pub stdin: bool,
     /// Initial terminal size (rows, columns), when `tty`.
     pub winsize: Option<(u16, u16)>,
+    /// The container's root, assembled from disks; `None` runs in the initramfs root.
+    pub root: Option<RootSpec>,
+}
+
+/// A container root the agent assembles before running the process: read-only layer disks
+/// stacked with overlayfs under a writable scratch disk (the container's sandbox layer). Disks
+/// are found by their virtio-blk serial, never by device order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSpec {
+    /// Serials of the read-only layer disks (squashfs), bottom layer first.
+    pub layers: Vec<String>,
+    /// Serial of the writable scratch disk (ext4), holding the overlay's upper and work dirs.
+    pub scratch: String,
 }
 
 /// How the process ended.

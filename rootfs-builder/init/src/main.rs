@@ -7,6 +7,7 @@
 //! an exit record, which the host reports as a guest crash.
 
 mod process;
+mod root;
 mod system;
 mod users;
 
@@ -63,6 +64,9 @@ fn run() -> Result<(), String> {
     } else {
         &spec.hostname
     });
+    if let Some(root) = &spec.root {
+        root::assemble(root)?;
+    }
 
     let streams = process::Streams {
         stdin: open_stream(port, proto::Stream::Stdin)?,

@@ -4,10 +4,34 @@ use nix::mount::{mount, MsFlags};
 use std::path::Path;
 
 /// Mounts /proc, /sys, /dev (devtmpfs), /dev/pts, /dev/shm, /run, /tmp and the cgroup2
-/// hierarchy, and adds the usual /dev links.
+/// hierarchy, and adds the usual /dev links: the initramfs root the agent starts in.
 pub fn mount_basics() -> Result<(), String> {
+    let scratch_dirs = [
+        (
+            "run",
+            "/run",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=0755",
+        ),
+        (
+            "tmp",
+            "/tmp",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        ),
+    ];
+    mount_kernel_filesystems(Path::new("/"))?;
+    for (source, target, flags, data) in scratch_dirs {
+        mount_one(Path::new("/"), source, target, "tmpfs", flags, data)?;
+    }
+    Ok(())
+}
+
+/// Mounts the kernel's filesystems (/proc, /sys, /dev, /dev/pts, /dev/shm, cgroup2) under
+/// `root`, as a container runtime would, and adds the usual /dev links.
+pub fn mount_kernel_filesystems(root: &Path) -> Result<(), String> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let mounts: [(&str, &str, &str, MsFlags, &str); 8] = [
+    let mounts: [(&str, &str, &str, MsFlags, &str); 6] = [
         ("proc", "/proc", "proc", nodev, ""),
         ("sysfs", "/sys", "sysfs", nodev, ""),
         (
@@ -25,27 +49,10 @@ pub fn mount_basics() -> Result<(), String> {
             "newinstance,ptmxmode=0666,mode=0620,gid=5",
         ),
         ("shm", "/dev/shm", "tmpfs", nodev, "mode=1777"),
-        (
-            "run",
-            "/run",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=0755",
-        ),
-        (
-            "tmp",
-            "/tmp",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        ),
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, ""),
     ];
     for (source, target, fstype, flags, data) in mounts {
-        std::fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
-        let data = (!data.is_empty()).then_some(data);
-        mount(Some(source), target, Some(fstype), flags, data)
-            .map_err(|e| format!("mount {fstype} on {target}: {e}"))?;
+        mount_one(root, source, target, fstype, flags, data)?;
     }
     for (link, to) in [
         ("/dev/ptmx", "pts/ptmx"),
@@ -54,12 +61,29 @@ pub fn mount_basics() -> Result<(), String> {
         ("/dev/stdout", "/proc/self/fd/1"),
         ("/dev/stderr", "/proc/self/fd/2"),
     ] {
-        if !Path::new(link).exists() {
-            let _ = std::fs::remove_file(link);
-            std::os::unix::fs::symlink(to, link).map_err(|e| format!("symlink {link}: {e}"))?;
+        let link = root.join(link.trim_start_matches('/'));
+        if !link.exists() {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(to, &link)
+                .map_err(|e| format!("symlink {}: {e}", link.display()))?;
         }
     }
     Ok(())
+}
+
+fn mount_one(
+    root: &Path,
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: &str,
+) -> Result<(), String> {
+    let target = root.join(target.trim_start_matches('/'));
+    std::fs::create_dir_all(&target).map_err(|e| format!("mkdir {}: {e}", target.display()))?;
+    let data = (!data.is_empty()).then_some(data);
+    mount(Some(source), &target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} on {}: {e}", target.display()))
 }
 
 /// Sets the hostname; a failure is only logged.
