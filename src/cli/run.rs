@@ -129,7 +129,7 @@ fn image_root(
     disks: &mut Vec<DiskPlan>,
 ) -> Result<(container::ImageDefaults, Option<RootSpec>), String> {
     // IMAGE-STORE-PENDING: the store lands with the image module.
-    let _ = (name, run_dir, disks);
+    let _ = (name, run_dir, disks, SCRATCH_SERIAL);
     Err::<(container::ImageDefaults, Option<RootSpec>), String>(
         "running images is not supported yet: give a root directory with --rootfs DIR".into(),
     )
