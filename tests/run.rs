@@ -453,3 +453,116 @@ fn tty_gives_the_process_a_terminal() {
     );
     assert_eq!(stderr_without_warning(&o), "");
 }
+
+/// Reads from the terminal's master side until `want` shows up (or 60 s pass).
+fn read_until(master: &mut std::fs::File, seen: &mut String, want: &str) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut buf = [0u8; 4096];
+    while !seen.contains(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {want:?}; got {seen:?}"
+        );
+        match master.read(&mut buf) {
+            Ok(0) => panic!("terminal closed before {want:?}; got {seen:?}"),
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading the terminal: {e}; got {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_interactive_terminal_session_works() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(k) = kernel("an_interactive_terminal_session_works") else {
+        return;
+    };
+    let mut ws = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut master_fd, mut slave_fd) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the given integers and reads `ws`.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master_fd,
+            &mut slave_fd,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors were just opened by openpty and are owned here.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd_(master_fd),
+            std::fs::File::from_raw_fd_(slave_fd),
+        )
+    };
+    let mut cmd = run_cmd(&k, &["-i", "-t"], &["sh"]);
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and TIOCSCTTY are async-signal-safe syscalls: the child gets the terminal
+    // as its controlling terminal, as a shell would give it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(slave);
+    let mut master = master;
+    let mut seen = String::new();
+    use std::io::Write;
+    read_until(&mut master, &mut seen, "# ");
+    master.write_all(b"echo one-$((40+2))\r").unwrap();
+    read_until(&mut master, &mut seen, "one-42");
+    // ^C reaches the foreground process through the guest's terminal, not microvm.
+    master
+        .write_all(b"sleep 30; echo not-interrupted\r")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    master.write_all(b"\x03").unwrap();
+    master.write_all(b"echo after-$((1+1))\r").unwrap();
+    read_until(&mut master, &mut seen, "after-2");
+    assert!(
+        !seen.contains("\nnot-interrupted"),
+        "the sleep ran to its end: {seen}"
+    );
+    // A resize of the host terminal reaches the guest's.
+    ws.ws_row = 33;
+    ws.ws_col = 101;
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer; the master is open.
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    master.write_all(b"stty size\r").unwrap();
+    read_until(&mut master, &mut seen, "33 101");
+    master.write_all(b"exit 5\r").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(5));
+}
+
+/// `File::from_raw_fd` under a name that keeps the unsafe call visible at the use site.
+trait FromRawFdExt {
+    /// # Safety
+    /// `fd` must be an open descriptor owned by nobody else.
+    unsafe fn from_raw_fd_(fd: i32) -> Self;
+}
+
+impl FromRawFdExt for std::fs::File {
+    unsafe fn from_raw_fd_(fd: i32) -> Self {
+        // SAFETY: the caller guarantees `fd` is open and unowned.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    }
+}
