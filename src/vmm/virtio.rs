@@ -14,26 +14,47 @@ use super::device_loop::Subscriber;
 use super::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
 use super::mptable::IOAPIC_PINS;
 use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{vsock, Interrupt, VirtioDevice};
+use crate::devices::virtio::{block, vsock, Interrupt, VirtioDevice};
 use crate::devices::{bus, Bus};
-use crate::plan::VmPlan;
+use crate::plan::{VmPlan, MAX_SERIAL};
 use crate::timing::kvm;
 
 /// First GSI for virtio devices: 0-4 belong to the PIT, keyboard, cascade and COM ports.
 const FIRST_GSI: u32 = 5;
+/// How many virtio devices fit: one IOAPIC pin each, from [`FIRST_GSI`] to the last pin.
+pub const MAX_DEVICES: u32 = IOAPIC_PINS as u32 - FIRST_GSI;
+
+const _: () = assert!(
+    MAX_SERIAL == block::SERIAL_BYTES,
+    "plan::MAX_SERIAL must match the virtio-blk id field"
+);
 
 /// Errors placing virtio devices.
 #[derive(Debug, Error)]
 pub enum Error {
-    /// A device could not be created.
+    /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] vsock::Error),
+    /// A disk could not be attached.
+    #[error("disk {index}: {source}")]
+    Block {
+        /// Its position among the plan's disks, from 0.
+        index: usize,
+        /// Why.
+        source: block::Error,
+    },
     /// The transport rejected the device.
     #[error("virtio-mmio: {0}")]
     Transport(#[from] mmio::Error),
     /// More devices than IOAPIC pins.
-    #[error("too many virtio devices: only {0} fit the interrupt controller")]
-    TooManyDevices(u32),
+    #[error(
+        "the VM asks for {wanted} virtio devices (the vsock device and disks), but only \
+         {MAX_DEVICES} fit its interrupt controller: attach fewer disks"
+    )]
+    TooManyDevices {
+        /// Devices asked for.
+        wanted: usize,
+    },
     /// An eventfd for an interrupt.
     #[error("cannot create an eventfd for a virtio interrupt: {0}")]
     EventFd(std::io::Error),
@@ -94,10 +115,12 @@ pub struct MmioSlots {
 impl MmioSlots {
     /// The next free slot.
     pub fn allocate(&mut self) -> Result<MmioSlot, Error> {
-        let gsi = FIRST_GSI + self.used;
-        if gsi >= u32::from(IOAPIC_PINS) {
-            return Err(Error::TooManyDevices(u32::from(IOAPIC_PINS) - FIRST_GSI));
+        if self.used >= MAX_DEVICES {
+            return Err(Error::TooManyDevices {
+                wanted: self.used as usize + 1,
+            });
         }
+        let gsi = FIRST_GSI + self.used;
         let slot = MmioSlot {
             base: VIRTIO_MMIO_START + u64::from(self.used) * MMIO_WINDOW_SIZE,
             gsi,
@@ -120,8 +143,13 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// Creates the devices `plan` asks for. Host sockets are opened here, before the guest runs.
+    /// Creates the devices `plan` asks for: the vsock device, then the disks in plan order.
+    /// Host sockets and disk images are opened here, before the guest runs.
     pub fn create(vm: &VmFd, mem: &GuestMemoryMmap, plan: &VmPlan) -> Result<Self, Error> {
+        let wanted = usize::from(plan.vsock.is_some()) + plan.disks.len();
+        if wanted > MAX_DEVICES as usize {
+            return Err(Error::TooManyDevices { wanted });
+        }
         let mut devices = VirtioDevices::default();
         if let Some(v) = &plan.vsock {
             let vsock = Arc::new(Mutex::new(vsock::Vsock::new(
@@ -130,6 +158,13 @@ impl VirtioDevices {
             )?));
             devices.attach(vm, mem, vsock.clone())?;
             devices.subscribers.push(vsock);
+        }
+        for (index, disk) in plan.disks.iter().enumerate() {
+            let block = block::Block::new(&disk.path, disk.read_only, &disk.serial)
+                .map_err(|source| Error::Block { index, source })?;
+            let block = Arc::new(Mutex::new(block));
+            devices.attach(vm, mem, block.clone())?;
+            devices.subscribers.push(block);
         }
         Ok(devices)
     }
@@ -201,7 +236,9 @@ mod tests {
         for _ in 2..19 {
             s.allocate().unwrap();
         }
-        assert!(matches!(s.allocate(), Err(Error::TooManyDevices(19))));
+        let err = s.allocate().unwrap_err();
+        assert!(matches!(err, Error::TooManyDevices { wanted: 20 }));
+        assert!(err.to_string().contains("only 19 fit"), "{err}");
     }
 
     #[test]

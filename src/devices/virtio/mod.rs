@@ -1,10 +1,11 @@
 //! Virtio devices: the contract between a transport and a device ([`VirtioDevice`]), the
 //! interrupt a device raises ([`Interrupt`]), the virtio-mmio transport ([`mmio`]) and the devices
-//! themselves ([`vsock`]).
+//! themselves ([`vsock`], [`block`]).
 //!
 //! Register accesses run on vCPU threads inside the transport; queue processing and host I/O run
 //! on the device loop, which each device joins as an event-manager subscriber.
 
+pub mod block;
 pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
