@@ -32,7 +32,16 @@ pub fn template_in(dir: &Path) -> io::Result<PathBuf> {
     // them. mke2fs discards the file first, which leaves those zeroed tables as holes: the
     // template holds ~200 KiB of real metadata, which is all a per-run copy moves.
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal,^resize_inode", "-m", "0", "-L", "scratch"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal,^resize_inode",
+            "-m",
+            "0",
+            "-L",
+            "scratch",
+        ])
         .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
         .arg(&tmp)
         .output()
@@ -109,13 +118,17 @@ mod tests {
 
     #[test]
     fn template_is_ext4_and_nearly_all_holes() {
-        let dir = std::env::temp_dir().join(format!("microvm-template-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("microvm-template-test-{}", std::process::id()));
         let t = template_in(&dir).unwrap();
         assert_eq!(std::fs::metadata(&t).unwrap().len(), SIZE);
         let allocated = std::fs::metadata(&t).unwrap().blocks() * 512;
         assert!(allocated < 1 << 20, "template allocates {allocated} bytes");
         let mut magic = [0u8; 2];
-        File::open(&t).unwrap().read_exact_at(&mut magic, 1024 + 56).unwrap();
+        File::open(&t)
+            .unwrap()
+            .read_exact_at(&mut magic, 1024 + 56)
+            .unwrap();
         assert_eq!(u16::from_le_bytes(magic), 0xef53, "ext4 superblock magic");
         let copy = dir.join("copy.img");
         let started = std::time::Instant::now();
