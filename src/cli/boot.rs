@@ -8,7 +8,7 @@ use clap::Args;
 use super::signals::HostSignals;
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::backend::{self, VmEnd};
-use crate::plan::{Console, VmPlan, VsockPlan, GUEST_CID};
+use crate::plan::{Console, DiskPlan, VmPlan, VsockPlan, GUEST_CID, MAX_SERIAL};
 use crate::vmm::exit::StopReason;
 use nix::sys::signal::Signal;
 
@@ -43,6 +43,43 @@ pub struct BootArgs {
     /// (host to guest: connect to PATH, send `CONNECT <port>`; guest to host port P: PATH_P).
     #[arg(long, value_name = "PATH")]
     pub vsock_uds: Option<PathBuf>,
+    /// Attach a raw disk image as virtio-blk: PATH[,ro][,serial=NAME] (repeatable; the serial
+    /// defaults to diskN).
+    #[arg(long, value_name = "PATH[,ro][,serial=NAME]")]
+    pub disk: Vec<String>,
+}
+
+/// Parses one `--disk` value; `index` names the default serial.
+fn parse_disk(spec: &str, index: usize) -> Result<DiskPlan, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("--disk needs a path")?;
+    let mut disk = DiskPlan {
+        path: PathBuf::from(path),
+        read_only: false,
+        serial: format!("disk{index}"),
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => disk.read_only = true,
+            Some(("serial", s)) if !s.is_empty() && s.len() <= MAX_SERIAL => {
+                disk.serial = s.to_string()
+            }
+            Some(("serial", _)) => {
+                return Err(format!(
+                    "--disk {spec}: a serial is 1 to {MAX_SERIAL} bytes"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "--disk {spec}: unknown option {opt:?} (ro, serial=NAME)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
 }
 
 /// Runs `microvm boot`; returns the exit status.
@@ -57,6 +94,16 @@ pub fn run(args: BootArgs) -> i32 {
             return EXIT_MICROVM_ERROR;
         }
     };
+    let mut disks = Vec::with_capacity(args.disk.len());
+    for (i, d) in args.disk.iter().enumerate() {
+        match parse_disk(d, i) {
+            Ok(d) => disks.push(d),
+            Err(e) => {
+                error_line(e);
+                return EXIT_MICROVM_ERROR;
+            }
+        }
+    }
     let Some(kernel) = args.kernel.or_else(crate::host::default_kernel) else {
         error_line("no guest kernel found: pass --kernel PATH or set MICROVM_KERNEL");
         return EXIT_MICROVM_ERROR;
@@ -73,7 +120,7 @@ pub fn run(args: BootArgs) -> i32 {
             guest_cid: GUEST_CID,
             uds_path,
         }),
-        disks: Vec::new(),
+        disks,
     };
     // Ctrl-C, SIGTERM and SIGHUP stop the VM (status 128+n); blocked before any thread starts.
     let signals = match HostSignals::block(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]) {
@@ -109,5 +156,26 @@ pub fn run(args: BootArgs) -> i32 {
             error_line(e);
             EXIT_MICROVM_ERROR
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flags() {
+        let d = parse_disk("/img/a.raw", 3).unwrap();
+        assert_eq!(
+            (d.path, d.read_only, d.serial.as_str()),
+            (PathBuf::from("/img/a.raw"), false, "disk3")
+        );
+        let d = parse_disk("b.raw,ro,serial=layer0", 0).unwrap();
+        assert_eq!((d.read_only, d.serial.as_str()), (true, "layer0"));
+        assert!(parse_disk("", 0).is_err());
+        assert!(parse_disk("x,rw", 0)
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse_disk(&format!("x,serial={}", "s".repeat(21)), 0).is_err());
     }
 }
