@@ -115,7 +115,8 @@ struct Run {
     plan: VmPlan,
     spec: RunSpec,
     run_dir: RunDir,
-    timings: bool,
+    /// With `--timings`: when the image (or root directory) was ready, since start.
+    timings: Option<Duration>,
 }
 
 /// Serial of the scratch disk (the container's sandbox layer).
@@ -205,6 +206,7 @@ impl Run {
         } else {
             image_root(&first, &run_dir.0, &mut disks)?
         };
+        let t_root = crate::timing::since_start();
         let process = container::process(&defaults, &overrides)?;
         let tty = args.tty;
         let spec = RunSpec {
@@ -242,7 +244,7 @@ impl Run {
             plan,
             spec,
             run_dir,
-            timings: args.timings,
+            timings: args.timings.then_some(t_root),
         })
     }
 
@@ -302,14 +304,15 @@ impl Run {
             vm.stop();
         }
         let end = vm.wait(Duration::from_secs(10));
-        if self.timings {
+        if let Some(t_root) = self.timings {
             let ms = |d: Option<Duration>| {
                 d.map_or("-".to_string(), |d| {
                     format!("{:.1} ms", d.as_secs_f64() * 1e3)
                 })
             };
             error_line(format!(
-                "timings since start: plan ready {}, VM started {}, agent ready {}, process started {}, exit {}",
+                "timings since start: image {}, plan {}, VM started {}, agent ready {}, process started {}, exit {}",
+                ms(Some(t_root)),
                 ms(Some(t_plan)),
                 ms(Some(t_vm)),
                 ms(t_ready),
