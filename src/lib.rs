@@ -11,6 +11,7 @@ pub mod cli;
 pub mod container;
 pub mod devices;
 pub mod host;
+pub mod image;
 pub mod initramfs;
 pub mod plan;
 pub mod scratch;

@@ -1,6 +1,7 @@
 //! The `microvm` command line: docker-style flags and exit codes.
 
 mod boot;
+mod image;
 mod run;
 mod signals;
 
@@ -29,6 +30,14 @@ pub enum Command {
     Run(run::RunArgs),
     /// Show what this host offers: KVM, its flavour, the default guest kernel.
     Info,
+    /// Load an image from an OCI layout or archive, or a docker archive, into the image store.
+    Load(image::LoadArgs),
+    /// List loaded images.
+    Images(image::ImagesArgs),
+    /// Remove image names (their data goes at the next `prune`).
+    Rmi(image::RmiArgs),
+    /// Remove image data (blobs, converted layers) that no image uses.
+    Prune,
 }
 
 /// Runs the parsed command; returns the process exit status.
@@ -40,6 +49,10 @@ pub fn run(cli: Cli) -> i32 {
             print!("{}", crate::host::info_report());
             0
         }
+        Command::Load(args) => image::load(args),
+        Command::Images(args) => image::images(args),
+        Command::Rmi(args) => image::rmi(args),
+        Command::Prune => image::prune(),
     }
 }
 

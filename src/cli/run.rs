@@ -117,23 +117,63 @@ struct Run {
     run_dir: RunDir,
     /// With `--timings`: when the image (or root directory) was ready, since start.
     timings: Option<Duration>,
+    /// Keeps the image's layer images from `microvm prune` while the VM runs.
+    _lease: Option<crate::image::LayerLease>,
 }
+
+/// Process defaults, root to assemble, and the layer lease of an image.
+type ImageRoot = (
+    container::ImageDefaults,
+    Option<RootSpec>,
+    Option<crate::image::LayerLease>,
+);
 
 /// Serial of the scratch disk (the container's sandbox layer).
 const SCRATCH_SERIAL: &str = "scratch";
 
-/// The image's layers as read-only disks (converted on first use) plus a fresh scratch disk, and
-/// the image's defaults for the process.
+/// The image's layers as read-only disks (converted on first use) plus a fresh scratch disk, the
+/// image's defaults for the process, and the lease that keeps the layer images from pruning.
 fn image_root(
     name: &str,
     run_dir: &std::path::Path,
     disks: &mut Vec<DiskPlan>,
-) -> Result<(container::ImageDefaults, Option<RootSpec>), String> {
-    // IMAGE-STORE-PENDING: the store lands with the image module.
-    let _ = (name, run_dir, disks, SCRATCH_SERIAL);
-    Err::<(container::ImageDefaults, Option<RootSpec>), String>(
-        "running images is not supported yet: give a root directory with --rootfs DIR".into(),
-    )
+) -> Result<ImageRoot, String> {
+    let store = crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
+    let image = store.resolve(name).map_err(|e| e.to_string())?;
+    // Held until the run ends, so that `microvm prune` leaves these layer images alone.
+    let lease = store
+        .lease_layer_images(&image)
+        .map_err(|e| e.to_string())?;
+    let mut serials = Vec::with_capacity(lease.paths().len());
+    for (i, path) in lease.paths().iter().enumerate() {
+        let serial = format!("layer{i}");
+        disks.push(DiskPlan {
+            path: path.clone(),
+            read_only: true,
+            serial: serial.clone(),
+        });
+        serials.push(serial);
+    }
+    let scratch = run_dir.join("scratch.img");
+    crate::scratch::create(&scratch).map_err(|e| format!("cannot make the scratch disk: {e}"))?;
+    disks.push(DiskPlan {
+        path: scratch,
+        read_only: false,
+        serial: SCRATCH_SERIAL.into(),
+    });
+    let c = image.config;
+    let defaults = container::ImageDefaults {
+        entrypoint: c.entrypoint,
+        cmd: c.cmd,
+        env: c.env,
+        working_dir: c.working_dir,
+        user: c.user,
+    };
+    let root = RootSpec {
+        layers: serials,
+        scratch: SCRATCH_SERIAL.into(),
+    };
+    Ok((defaults, Some(root), Some(lease)))
 }
 
 /// The per-run directory (sockets, console log, initrd parts), removed at the end.
@@ -193,7 +233,7 @@ impl Run {
             .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
         let mut initrd = vec![base];
         let mut disks = Vec::new();
-        let (defaults, root) = if args.rootfs {
+        let (defaults, root, lease) = if args.rootfs {
             let dir = PathBuf::from(first);
             if !dir.is_dir() {
                 return Err(format!("--rootfs {}: not a directory", dir.display()));
@@ -202,7 +242,7 @@ impl Run {
             crate::initramfs::tree(&dir, &archive)
                 .map_err(|e| format!("cannot pack --rootfs {}: {e}", dir.display()))?;
             initrd.push(archive);
-            (container::ImageDefaults::default(), None)
+            (container::ImageDefaults::default(), None, None)
         } else {
             image_root(&first, &run_dir.0, &mut disks)?
         };
@@ -245,6 +285,7 @@ impl Run {
             spec,
             run_dir,
             timings: args.timings.then_some(t_root),
+            _lease: lease,
         })
     }
 

@@ -1,0 +1,210 @@
+//! Turns one layer blob into one read-only squashfs image, streaming: decompress (gzip, zstd
+//! or none, told by magic bytes, not the media type) -> rewrite the tar ([`super::layer_rewrite`])
+//! -> `tar2sqfs` on a pipe -> temporary file -> rename. Nothing of the layer is unpacked on the
+//! host, and tar2sqfs only reads its standard input and writes the one image file.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::digest::{Digest, HashingReader};
+use super::error::{Error, IoContext};
+use super::layer_rewrite::{self, RewriteError, Summary};
+
+/// The squashfs compressor: zstd at level 1 is the fastest one the guest kernel reads
+/// (CONFIG_SQUASHFS_ZSTD); tar2sqfs stores a block raw whenever compressing does not shrink it.
+/// tar2sqfs 1.2 cannot turn compression off altogether.
+pub const SQUASHFS_COMPRESSOR: &[&str] = &["--compressor", "zstd", "--comp-extra", "level=1"];
+
+/// Read buffer in front of the decompressor.
+const READ_BUF: usize = 256 << 10;
+/// How much of tar2sqfs's standard error is kept for messages.
+const STDERR_KEEP: usize = 4096;
+
+/// How a layer (or archive) is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// A plain tar.
+    None,
+    /// gzip (one or more members).
+    Gzip,
+    /// zstd (one or more frames).
+    Zstd,
+}
+
+impl Compression {
+    /// Wraps `r` in the matching decompressor.
+    pub(crate) fn decoder<'a>(self, r: Box<dyn BufRead + 'a>) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => r,
+            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+        })
+    }
+
+    /// The OCI layer media type for a layer compressed this way.
+    pub fn layer_media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
+/// Tells the compression from the first bytes, without consuming them. Formats other than gzip
+/// and zstd (xz, bzip2) are refused rather than misread as tar.
+pub(crate) fn detect_compression<R: BufRead>(r: &mut R) -> io::Result<Compression> {
+    let head = r.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) || head.starts_with(b"BZh") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "xz and bzip2 compression are not supported: recompress with gzip or zstd",
+        ));
+    } else {
+        Compression::None
+    })
+}
+
+/// Finds tar2sqfs on PATH.
+pub(crate) fn tar2sqfs() -> Result<PathBuf, Error> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("tar2sqfs"))
+        .find(|p| p.is_file())
+        .ok_or(Error::Tar2sqfsMissing)
+}
+
+/// Converts the layer blob at `blob` (whose digest is `digest`) into a squashfs image at `tmp`,
+/// which must be a fresh file the caller owns; the blob is re-hashed on the way, so a blob
+/// damaged in the store is caught. `progress` sees the compressed bytes read.
+pub(crate) fn convert(
+    blob: &Path,
+    digest: &Digest,
+    tmp: &Path,
+    progress: &indicatif::ProgressBar,
+) -> Result<Summary, Error> {
+    let tool = tar2sqfs()?;
+    let file = File::open(blob).ctx(|| format!("opening layer blob {}", blob.display()))?;
+    let hashing = HashingReader::new(progress.wrap_read(file));
+    let mut buffered = BufReader::with_capacity(READ_BUF, hashing);
+    let compression = detect_compression(&mut buffered).map_err(|e| Error::HostileLayer {
+        digest: digest.to_string(),
+        reason: e.to_string(),
+    })?;
+
+    let mut child = spawn(&tool, tmp)?;
+    let piped = || Error::io("starting tar2sqfs", io::ErrorKind::BrokenPipe.into());
+    let stdin = child.stdin.take().ok_or_else(piped)?;
+    let stderr = child.stderr.take().ok_or_else(piped)?;
+    // Drained on its own thread: a chatty tar2sqfs must never block on a full pipe while we
+    // block writing to it.
+    let stderr_thread = std::thread::spawn(move || keep_tail(stderr));
+
+    let result = (|| -> Result<Summary, RewriteError> {
+        let mut decoder = compression
+            .decoder(Box::new(&mut buffered) as Box<dyn BufRead>)
+            .map_err(RewriteError::Input)?;
+        layer_rewrite::rewrite(&mut decoder, BufWriter::with_capacity(READ_BUF, stdin))
+    })();
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().ctx(|| "waiting for tar2sqfs".to_string())?;
+    let stderr_text = stderr_thread.join().unwrap_or_default();
+    // Whatever happened, a blob that does not match its digest is reported as that.
+    let (actual, _) = buffered
+        .into_inner()
+        .drain_and_finish()
+        .ctx(|| format!("reading layer blob {}", blob.display()))?;
+    if &actual != digest {
+        return Err(Error::DigestMismatch {
+            digest: digest.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    let summary = match result {
+        Ok(s) => s,
+        Err(RewriteError::Output(_)) => {
+            return Err(Error::Tar2sqfs {
+                digest: digest.to_string(),
+                status: status.to_string(),
+                stderr: stderr_text.trim().to_string(),
+            })
+        }
+        Err(RewriteError::Input(e)) => {
+            return Err(Error::HostileLayer {
+                digest: digest.to_string(),
+                reason: format!("not a readable tar after decompression: {e}"),
+            })
+        }
+        Err(RewriteError::Hostile(reason)) => {
+            return Err(Error::HostileLayer {
+                digest: digest.to_string(),
+                reason,
+            })
+        }
+    };
+    if !status.success() {
+        return Err(Error::Tar2sqfs {
+            digest: digest.to_string(),
+            status: status.to_string(),
+            stderr: stderr_text.trim().to_string(),
+        });
+    }
+    Ok(summary)
+}
+
+fn spawn(tool: &Path, tmp: &Path) -> Result<Child, Error> {
+    let mut cmd = Command::new(tool);
+    cmd.args(["--quiet", "--no-skip", "--force"])
+        .args(SQUASHFS_COMPRESSOR)
+        .arg(tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(dir) = tmp.parent() {
+        cmd.current_dir(dir);
+    }
+    // tar2sqfs must not outlive us: a killed conversion then leaves only its temporary file.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::Tar2sqfsMissing
+        } else {
+            Error::io(format!("starting {}", tool.display()), e)
+        }
+    })
+}
+
+fn keep_tail(mut r: impl Read) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                all.extend_from_slice(&buf[..n]);
+                if all.len() > 2 * STDERR_KEEP {
+                    all.drain(..all.len() - STDERR_KEEP);
+                }
+            }
+        }
+    }
+    let start = all.len().saturating_sub(STDERR_KEEP);
+    String::from_utf8_lossy(&all[start..]).into_owned()
+}

@@ -1,0 +1,99 @@
+//! The OCI image store: loads images from OCI layouts and docker archives into a
+//! content-addressed store, and turns each layer into one read-only squashfs image that guests
+//! stack with overlayfs.
+//!
+//! On disk, under [`crate::host::data_dir`]:
+//! - `blobs/sha256/<hex>`: manifests, configs and layers, each verified against its digest
+//!   while written to a temporary file beside it, then renamed into place;
+//! - `images.json`: name -> manifest digest ([`names`]);
+//! - `layers/<hex>.sqfs`: the layer blob `<hex>` converted ([`layer_convert`]), shared by every
+//!   VM;
+//! - `store.lock`, `images.lock`, `locks/<hex>.lock`: flock files ordering writers.
+//!
+//! Flow: a reference ([`reference`]) names a source ([`source`]): an OCI layout
+//! ([`oci_layout`]) or a docker archive ([`docker_archive`]); [`Store::load`] copies what the
+//! chosen image needs, and [`Store::layer_images`] converts its layers on first use.
+
+mod digest;
+mod docker_archive;
+mod error;
+mod layer_convert;
+mod layer_rewrite;
+mod lock;
+mod names;
+mod oci_layout;
+mod progress;
+pub mod reference;
+mod source;
+mod store;
+
+pub use digest::Digest;
+pub use error::Error;
+pub use layer_convert::{Compression, SQUASHFS_COMPRESSOR};
+pub use store::{LayerLease, Store};
+
+/// What a container runs by default, from the image config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`: arguments to the entrypoint, or the command when there is none.
+    pub cmd: Vec<String>,
+    /// `Env`, as `NAME=value`.
+    pub env: Vec<String>,
+    /// `WorkingDir` (empty: `/`).
+    pub working_dir: String,
+    /// `User` (empty: root): `user`, `uid`, `user:group` or `uid:gid`.
+    pub user: String,
+}
+
+/// A loaded image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// Its name, e.g. `busybox:latest`.
+    pub name: String,
+    /// Its manifest's digest.
+    pub digest: String,
+    /// Its config's digest (docker's image ID).
+    pub config_digest: String,
+    /// Its run configuration.
+    pub config: RunConfig,
+    /// Layer blob digests, bottom layer first.
+    pub layers: Vec<String>,
+    /// The layers' uncompressed digests from the config, bottom first.
+    pub diff_ids: Vec<String>,
+}
+
+/// One line of `microvm images`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ImageSummary {
+    /// `repository:tag`.
+    pub name: String,
+    /// The repository part of the name.
+    pub repository: String,
+    /// The tag part of the name.
+    pub tag: String,
+    /// The config digest (docker's image ID).
+    pub id: String,
+    /// The manifest digest.
+    pub digest: String,
+    /// The config's `created` time (RFC 3339), when it has one.
+    pub created: Option<String>,
+    /// Bytes of the config and layer blobs.
+    pub size: u64,
+}
+
+/// What [`Store::prune`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Blobs removed (no image uses them).
+    pub blobs_removed: usize,
+    /// Layer images removed.
+    pub layer_images_removed: usize,
+    /// Unused layer images kept because a running VM holds them.
+    pub layer_images_in_use: usize,
+    /// Temporary files of interrupted loads and conversions removed.
+    pub temp_files_removed: usize,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}

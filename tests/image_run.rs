@@ -1,0 +1,191 @@
+//! `microvm run IMAGE` through the real stack: a two-layer OCI image (tests/make-test-images.sh:
+//! busybox, a whiteout and an opaque directory in the upper layer, entrypoint/cmd/env/workdir/
+//! user 1000 in the config), run by the real kernel and agent through the `qemu` backend.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+fn kernel(test: &str) -> Option<PathBuf> {
+    let k = std::env::var_os("MICROVM_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/microvm/kernel/vmlinux".into());
+    if k.is_file() {
+        return Some(k);
+    }
+    let line = format!("SKIPPED {test}: no guest kernel (run scripts/build-kernel)\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    None
+}
+
+/// The test images and a private store, made once per test binary.
+fn images() -> &'static (PathBuf, PathBuf) {
+    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("image-run-{}", std::process::id()));
+        let out = base.join("images");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make-test-images.sh");
+        let st = Command::new("bash")
+            .arg(script)
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "building the test images failed (install umoci and busybox-static)"
+        );
+        (out, base.join("store"))
+    })
+}
+
+fn run(kernel: &Path, flags: &[&str], cmd: &[&str]) -> Output {
+    let (out, store) = images();
+    let image = format!("oci:{}", out.join("demo").display());
+    microvm()
+        .args([
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--timeout",
+            "120",
+            "--kernel",
+        ])
+        .arg(kernel)
+        .args(flags)
+        .arg(image)
+        .args(cmd)
+        .env("MICROVM_ROOT", store)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn image_config_layers_and_whiteouts_apply() {
+    let Some(k) = kernel("image_config_layers_and_whiteouts_apply") else {
+        return;
+    };
+    // Entrypoint `/bin/sh -c` with Cmd `echo hello`.
+    let o = run(&k, &[], &[]);
+    assert_eq!(
+        (o.status.code(), text(&o.stdout)),
+        (Some(0), "hello\n".into()),
+        "{}",
+        text(&o.stderr)
+    );
+    // A command replaces Cmd and keeps the entrypoint; the upper layer deleted /etc/gone and
+    // replaced /etc/app; the config's user, workdir and env apply.
+    let script = "id -u; id -g; pwd; echo $GREETING; ls /etc/app; test -e /etc/gone && echo present || echo absent";
+    let o = run(&k, &[], &[script]);
+    assert_eq!(
+        text(&o.stdout),
+        "1000\n1000\n/work\nhi\nnew\nabsent\n",
+        "{}",
+        text(&o.stderr)
+    );
+    // Flags override the config; the sandbox layer is writable and private to the run.
+    let o = run(
+        &k,
+        &["-u", "0", "-w", "/tmp", "-e", "GREETING=yo", "--rm"],
+        &["id -u; pwd; echo $GREETING; echo x > /etc/new-file && cat /etc/new-file"],
+    );
+    assert_eq!(text(&o.stdout), "0\n/tmp\nyo\nx\n", "{}", text(&o.stderr));
+    let o = run(
+        &k,
+        &[],
+        &["test -e /etc/new-file && echo leaked || echo fresh"],
+    );
+    assert_eq!(text(&o.stdout), "fresh\n");
+}
+
+#[test]
+fn exit_codes_follow_docker() {
+    let Some(k) = kernel("exit_codes_follow_docker") else {
+        return;
+    };
+    for (flags, cmd, code) in [
+        (vec![], vec!["exit 3"], 3),
+        (vec![], vec!["kill -9 $$"], 137),
+        (vec!["--entrypoint", "no-such-program"], vec![], 127),
+        (vec!["--entrypoint", "/etc/app/new"], vec![], 126),
+    ] {
+        let o = run(&k, &flags, &cmd);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{flags:?} {cmd:?}: {}",
+            text(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn fifty_megabytes_of_stdout_arrive_intact() {
+    let Some(k) = kernel("fifty_megabytes_of_stdout_arrive_intact") else {
+        return;
+    };
+    let o = run(
+        &k,
+        &["-u", "0", "--memory", "384"],
+        &["head -c 50000000 /dev/urandom > /tmp/d; md5sum /tmp/d >&2; cat /tmp/d"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(o.stdout.len(), 50_000_000);
+    let mut md5 = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = md5.stdin.take().unwrap();
+    let data = o.stdout.clone();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data));
+    let sum = md5.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    let host = text(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        text(&o.stderr).contains(&format!("{host}  /tmp/d")),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn unknown_images_and_empty_commands_are_clear_errors() {
+    let (_, store) = images();
+    for (args, expected) in [
+        (
+            vec!["run", "--hypervisor", "qemu", "no-such-image"],
+            "no-such-image",
+        ),
+        (
+            vec!["run", "--hypervisor", "qemu", "oci:/nonexistent/layout"],
+            "/nonexistent/layout",
+        ),
+    ] {
+        let o = microvm()
+            .args(&args)
+            .env("MICROVM_ROOT", store)
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
+        assert!(
+            err.lines().all(|l| l.starts_with("microvm: ")) && err.contains(expected),
+            "{args:?}: {err}"
+        );
+    }
+}
