@@ -29,9 +29,19 @@ pub fn kvm_flavour() -> &'static str {
     }
 }
 
-/// microvm's data directory: `$MICROVM_ROOT`, else `/var/lib/microvm` for root, else
+static ROOT_OVERRIDE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the data directory for this process (`--root`); the first call wins.
+pub fn set_data_dir(root: PathBuf) {
+    let _ = ROOT_OVERRIDE.set(root);
+}
+
+/// microvm's data directory: `--root`, else `$MICROVM_ROOT`, else `/var/lib/microvm` for root, else
 /// `$XDG_DATA_HOME/microvm` (default `~/.local/share/microvm`).
 pub fn data_dir() -> PathBuf {
+    if let Some(root) = ROOT_OVERRIDE.get() {
+        return root.clone();
+    }
     if let Some(root) = std::env::var_os("MICROVM_ROOT") {
         return PathBuf::from(root);
     }

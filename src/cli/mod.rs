@@ -16,6 +16,10 @@ pub const EXIT_TIMEOUT: i32 = 124;
 #[derive(Debug, Parser)]
 #[command(name = "microvm", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Data directory (images, layer images, kernel cache) [default: $MICROVM_ROOT, then
+    /// /var/lib/microvm for root, else $XDG_DATA_HOME/microvm].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<std::path::PathBuf>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
@@ -42,6 +46,9 @@ pub enum Command {
 
 /// Runs the parsed command; returns the process exit status.
 pub fn run(cli: Cli) -> i32 {
+    if let Some(root) = cli.root {
+        crate::host::set_data_dir(root);
+    }
     match cli.command {
         Command::Boot(args) => boot::run(args),
         Command::Run(args) => run::run(args),
@@ -56,7 +63,51 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Parses a memory size: a number of MiB, or a number with a `k`, `m` or `g` suffix (docker's
+/// spelling; kibibytes must come to whole MiB).
+pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], t[i..].to_ascii_lowercase()),
+        None => (t, String::new()),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512, 512m, 2g)"))?;
+    let mib = match unit.trim_end_matches(['b', 'i']) {
+        "" | "m" => Some(n),
+        "g" => n.checked_mul(1024),
+        "k" if n % 1024 == 0 => Some(n / 1024),
+        "k" => return Err(format!("{s:?} is not a whole number of MiB")),
+        _ => return Err(format!("{s:?}: unknown unit (use k, m or g)")),
+    };
+    mib.ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Prints a one-line error the way every command does.
 pub fn error_line(msg: impl std::fmt::Display) {
     eprintln!("microvm: {msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_memory_mib;
+
+    #[test]
+    fn memory_sizes() {
+        for (s, mib) in [
+            ("256", 256),
+            ("512m", 512),
+            ("512M", 512),
+            ("2g", 2048),
+            ("1GiB", 1024),
+            ("2048k", 2),
+            ("1mb", 1),
+        ] {
+            assert_eq!(parse_memory_mib(s), Ok(mib), "{s}");
+        }
+        for bad in ["", "m", "1.5g", "12x", "1000k", "99999999999999999999g"] {
+            assert!(parse_memory_mib(bad).is_err(), "{bad}");
+        }
+    }
 }

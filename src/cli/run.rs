@@ -58,8 +58,8 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u8,
-    /// Guest RAM in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    /// Guest RAM: MiB, or with a k, m or g suffix.
+    #[arg(long, value_name = "SIZE", default_value = "256", value_parser = super::parse_memory_mib)]
     pub memory: u64,
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long, value_name = "S")]
