@@ -77,7 +77,7 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     let mib = match unit.trim_end_matches(['b', 'i']) {
         "" | "m" => Some(n),
         "g" => n.checked_mul(1024),
-        "k" if n % 1024 == 0 => Some(n / 1024),
+        "k" if n.is_multiple_of(1024) => Some(n / 1024),
         "k" => return Err(format!("{s:?} is not a whole number of MiB")),
         _ => return Err(format!("{s:?}: unknown unit (use k, m or g)")),
     };
