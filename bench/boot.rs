@@ -226,16 +226,6 @@ fn keepers_running() -> bool {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -277,7 +267,7 @@ fn main() {
     let rss: Vec<f64> = vmms
         .iter()
         .map(|v| {
-            median(
+            common::median(
                 (0..5)
                     .map(|_| non_guest_rss(*v, &pvh) as f64 / 1024.0)
                     .collect(),
@@ -287,7 +277,7 @@ fn main() {
     let boots = (runs * 2).max(20);
     let tput: Vec<f64> = vmms
         .iter()
-        .map(|v| median((0..3).map(|_| throughput(*v, &guest, boots, 2)).collect()))
+        .map(|v| common::median((0..3).map(|_| throughput(*v, &guest, boots, 2)).collect()))
         .collect();
 
     println!(
@@ -296,8 +286,8 @@ fn main() {
     );
     let mut figures = Vec::new();
     for (k, v) in vmms.iter().enumerate() {
-        let marker = median(samples[k].iter().map(|s| ms(s.marker)).collect());
-        let exit = median(samples[k].iter().map(|s| ms(s.exit)).collect());
+        let marker = common::median(samples[k].iter().map(|s| ms(s.marker)).collect());
+        let exit = common::median(samples[k].iter().map(|s| ms(s.exit)).collect());
         println!(
             "{:<9} {:>12.2} {:>12.2} {:>12.2} MiB {:>14.1}",
             v.name(),
@@ -312,9 +302,9 @@ fn main() {
     if !b.is_empty() {
         println!(
             "\nmicrovm start-up to first guest instruction (median): {:.3} ms = KVM ioctls {:.3} ms + microvm code {:.3} ms (time since main; spawn and exec come on top)",
-            median(b.iter().map(|x| x.0).collect()),
-            median(b.iter().map(|x| x.1).collect()),
-            median(b.iter().map(|x| x.2).collect()),
+            common::median(b.iter().map(|x| x.0).collect()),
+            common::median(b.iter().map(|x| x.1).collect()),
+            common::median(b.iter().map(|x| x.2).collect()),
         );
     }
     if figures.len() == 3 {

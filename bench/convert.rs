@@ -7,22 +7,15 @@
 //! Needs tar2sqfs (squashfs-tools-ng).
 
 use std::io::Write;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use microvm::image::{Digest, Store};
 use sha2::Digest as _;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// Regular files under `roots`, sorted, until `budget` bytes.
 fn pick_files(roots: &[&str], budget: u64) -> Vec<(PathBuf, u64)> {
@@ -167,7 +160,7 @@ fn main() {
         g.push(gunzip(&blob));
         c.push(convert());
     }
-    let (g, c) = (median(g), median(c));
+    let (g, c) = (common::median(g), common::median(c));
     let out_len = std::fs::metadata(store.layer_image_path(&layer_digest))
         .unwrap()
         .len();

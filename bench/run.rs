@@ -11,16 +11,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -83,8 +73,8 @@ fn main() {
         }
         println!(
             "{backend:<8} {:>22.1} {:>16.1}",
-            median(ready),
-            median(total)
+            common::median(ready),
+            common::median(total)
         );
     }
 }

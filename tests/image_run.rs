@@ -10,18 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-fn kernel(test: &str) -> Option<PathBuf> {
-    let k = std::env::var_os("MICROVM_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/lib/microvm/kernel/vmlinux".into());
-    if k.is_file() {
-        return Some(k);
-    }
-    let line = format!("SKIPPED {test}: no guest kernel (run scripts/build-kernel)\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
-    None
-}
-
 /// The test images and a private store, made once per test binary.
 fn images() -> &'static (PathBuf, PathBuf) {
     static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
@@ -72,7 +60,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn image_config_layers_and_whiteouts_apply() {
-    let Some(k) = kernel("image_config_layers_and_whiteouts_apply") else {
+    let Some(k) = kernel_or_skip("image_config_layers_and_whiteouts_apply") else {
         return;
     };
     // Entrypoint `/bin/sh -c` with Cmd `echo hello`.
@@ -110,7 +98,7 @@ fn image_config_layers_and_whiteouts_apply() {
 
 #[test]
 fn exit_codes_follow_docker() {
-    let Some(k) = kernel("exit_codes_follow_docker") else {
+    let Some(k) = kernel_or_skip("exit_codes_follow_docker") else {
         return;
     };
     for (flags, cmd, code) in [
@@ -131,7 +119,7 @@ fn exit_codes_follow_docker() {
 
 #[test]
 fn fifty_megabytes_of_stdout_arrive_intact() {
-    let Some(k) = kernel("fifty_megabytes_of_stdout_arrive_intact") else {
+    let Some(k) = kernel_or_skip("fifty_megabytes_of_stdout_arrive_intact") else {
         return;
     };
     let o = run(

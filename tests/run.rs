@@ -9,22 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-/// The guest kernel built by scripts/build-kernel, or None with a loud line saying why not.
-fn kernel(test: &str) -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("MICROVM_KERNEL").map(PathBuf::from),
-        Some(PathBuf::from("/var/lib/microvm/kernel/vmlinux")),
-    ];
-    match candidates.into_iter().flatten().find(|p| p.is_file()) {
-        Some(k) => Some(k),
-        None => {
-            let line = format!("SKIPPED {test}: no guest kernel (run scripts/build-kernel)\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-            None
-        }
-    }
-}
-
 /// A root directory with busybox (from Debian's busybox-static) and a passwd file.
 fn rootfs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -88,7 +72,7 @@ fn stderr_without_warning(o: &Output) -> String {
 
 #[test]
 fn streams_are_separate_and_exit_codes_pass_through() {
-    let Some(k) = kernel("streams_are_separate_and_exit_codes_pass_through") else {
+    let Some(k) = kernel_or_skip("streams_are_separate_and_exit_codes_pass_through") else {
         return;
     };
     let o = output(&k, &[], &["sh", "-c", "echo out; echo err >&2; exit 7"]);
@@ -118,7 +102,7 @@ fn streams_are_separate_and_exit_codes_pass_through() {
 
 #[test]
 fn user_workdir_env_and_hostname_apply() {
-    let Some(k) = kernel("user_workdir_env_and_hostname_apply") else {
+    let Some(k) = kernel_or_skip("user_workdir_env_and_hostname_apply") else {
         return;
     };
     let o = output(
@@ -153,7 +137,7 @@ fn user_workdir_env_and_hostname_apply() {
 
 #[test]
 fn stdin_is_piped_through() {
-    let Some(k) = kernel("stdin_is_piped_through") else {
+    let Some(k) = kernel_or_skip("stdin_is_piped_through") else {
         return;
     };
     let data = pattern(3 << 20, 11);
@@ -185,7 +169,7 @@ fn stdin_is_piped_through() {
 
 #[test]
 fn hundred_megabytes_of_output_arrive_intact() {
-    let Some(k) = kernel("hundred_megabytes_of_output_arrive_intact") else {
+    let Some(k) = kernel_or_skip("hundred_megabytes_of_output_arrive_intact") else {
         return;
     };
     let o = output(
@@ -210,7 +194,7 @@ fn hundred_megabytes_of_output_arrive_intact() {
 
 #[test]
 fn two_vms_at_once() {
-    let Some(k) = kernel("two_vms_at_once") else {
+    let Some(k) = kernel_or_skip("two_vms_at_once") else {
         return;
     };
     let a = run_cmd(&k, &[], &["sh", "-c", "sleep 1; echo a"])
@@ -242,7 +226,7 @@ fn two_vms_at_once() {
 
 #[test]
 fn start_failures_use_docker_codes() {
-    let Some(k) = kernel("start_failures_use_docker_codes") else {
+    let Some(k) = kernel_or_skip("start_failures_use_docker_codes") else {
         return;
     };
     let o = output(&k, &[], &["no-such-program"]);
@@ -261,7 +245,7 @@ fn start_failures_use_docker_codes() {
 
 #[test]
 fn signals_reach_the_process() {
-    let Some(k) = kernel("signals_reach_the_process") else {
+    let Some(k) = kernel_or_skip("signals_reach_the_process") else {
         return;
     };
     let mut child = run_cmd(
@@ -380,7 +364,7 @@ fn alive(pid: i32) -> bool {
 
 #[test]
 fn killing_microvm_leaves_no_helper_running() {
-    let Some(k) = kernel("killing_microvm_leaves_no_helper_running") else {
+    let Some(k) = kernel_or_skip("killing_microvm_leaves_no_helper_running") else {
         return;
     };
     let mut child = run_cmd(&k, &[], &["sh", "-c", "echo ready; sleep 100"])
@@ -432,7 +416,7 @@ fn killing_microvm_leaves_no_helper_running() {
 
 #[test]
 fn tty_gives_the_process_a_terminal() {
-    let Some(k) = kernel("tty_gives_the_process_a_terminal") else {
+    let Some(k) = kernel_or_skip("tty_gives_the_process_a_terminal") else {
         return;
     };
     let o = output(
@@ -477,7 +461,7 @@ fn read_until(master: &mut std::fs::File, seen: &mut String, want: &str) {
 fn an_interactive_terminal_session_works() {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let Some(k) = kernel("an_interactive_terminal_session_works") else {
+    let Some(k) = kernel_or_skip("an_interactive_terminal_session_works") else {
         return;
     };
     let mut ws = libc::winsize {

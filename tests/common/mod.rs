@@ -12,19 +12,49 @@ pub fn microvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_microvm"))
 }
 
+/// Prints a loud line saying `test` is skipped and why.
+pub fn skip(test: &str, why: &str) {
+    // Straight to fd 2: libtest captures eprintln! of passing tests, and a skip must be seen.
+    let line = format!("SKIPPED {test}: {why}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+}
+
 /// True when /dev/kvm exists; otherwise prints a loud skip line for `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    // Straight to fd 2: libtest captures eprintln! of passing tests, and a skip must be seen.
-    let line = format!(
-        "SKIPPED {test}: /dev/kvm is missing on this host, so this test cannot boot a guest\n"
+    skip(
+        test,
+        "/dev/kvm is missing on this host, so this test cannot boot a guest",
     );
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     false
 }
 
+/// The guest kernel ($MICROVM_KERNEL, else the one scripts/build-kernel made), or `None`
+/// after a loud skip line for `test`.
+pub fn kernel_or_skip(test: &str) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("MICROVM_KERNEL").map(PathBuf::from),
+        Some(PathBuf::from("/var/lib/microvm/kernel/vmlinux")),
+    ];
+    let found = candidates.into_iter().flatten().find(|p| p.is_file());
+    if found.is_none() {
+        skip(test, "no guest kernel (run scripts/build-kernel)");
+    }
+    found
+}
+
+/// Median of a sample (benchmarks report medians).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
 /// Directory holding the built test guests (pvh.elf, linux64.elf, bzimage, marker.elf).
 ///
 /// Test binaries run in parallel processes, so the build is serialised with a file lock and
