@@ -1188,3 +1188,256 @@ fn rmi_resolve_and_the_cli() {
         "{err}"
     );
 }
+
+/// `TYPE PATH` of every entry in a listing (`d`, `-`, `l`, `c`...), symlink targets dropped.
+fn tree_of(listing: &str) -> Vec<String> {
+    let mut v: Vec<String> = listing
+        .lines()
+        .filter_map(|l| {
+            let at = l.find(" squashfs-root")?;
+            let path = l[at + " squashfs-root".len()..].trim_start_matches('/');
+            let path = path.split(" -> ").next().unwrap_or(path);
+            (!path.is_empty()).then(|| format!("{} {path}", &l[..1]))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Seven layers exercising every way a higher layer changes a lower one, then two more.
+fn nine_layers(top: &str) -> Vec<(Vec<u8>, &'static str)> {
+    let hl = |l: Layer, path: &str, target: &str| {
+        l.entry(
+            path.as_bytes(),
+            Kind::Hardlink(target.as_bytes()),
+            0o644,
+            &[],
+        )
+    };
+    let l0 = Layer::new()
+        .dir("bin/")
+        .file("bin/tool", b"tool")
+        .dir("etc/")
+        .file("etc/gone", b"gone")
+        .file("etc/keep", b"keep")
+        .file("etc/orig", b"orig");
+    let l0 = hl(l0, "etc/hl", "etc/orig");
+    let l0 = hl(l0, "etc/hl2", "/etc/orig")
+        .dir("etc/app/")
+        .file("etc/app/old", b"old")
+        .file("data/a", b"a file")
+        .dir("var/x/")
+        .file("var/x/f", b"f")
+        .file("srv/file", b"srv")
+        .tar();
+    let l1 = Layer::new()
+        .file("etc/.wh.gone", b"")
+        .file("data/.wh.a", b"")
+        .dir("data/a/")
+        .file("data/a/inner", b"inner")
+        .tar();
+    let l2 = Layer::new()
+        .file("var/x", b"now a file")
+        .entry(b"etc/app/", Kind::Dir, 0o750, &[])
+        .file("etc/app/.wh..wh..opq", b"")
+        .file("etc/app/new", b"new")
+        .tar();
+    let l3 = Layer::new()
+        .file("opt/new1", b"new1")
+        .file("etc/orig", b"replaced")
+        .tar();
+    let l4 = Layer::new()
+        .file("usr/lib/x", b"x")
+        .file(".wh.srv", b"")
+        .tar();
+    let l5 = Layer::new()
+        .file("data/a/inner2", b"inner2")
+        .file("tmp2/only", b"only")
+        .tar();
+    let l6 = Layer::new()
+        .file("tmp2/.wh.only", b"")
+        .symlink("etc/link", "app/new")
+        .tar();
+    let l7 = Layer::new().file("top/seven", b"7").tar();
+    let l8 = Layer::new().file(top, b"8").tar();
+    [l0, l1, l2, l3, l4, l5, l6, l7, l8]
+        .into_iter()
+        .map(|t| (t, TAR_GZ))
+        .collect()
+}
+
+#[test]
+fn the_lowest_layers_merge_into_one_image_as_overlayfs_shows_them() {
+    if !tools_or_skip("the_lowest_layers_merge_into_one_image_as_overlayfs_shows_them") {
+        return;
+    }
+    let dir = TempDir::new("merge");
+    let pa = layout(&dir, "a", &nine_layers("top/a"));
+    let pb = layout(&dir, "b", &nine_layers("top/b"));
+    let s = store(&dir);
+    let a = s.load(&format!("oci:{}", pa.display())).unwrap();
+    let plain = s.layer_images(&a).unwrap();
+    assert_eq!(plain.len(), 9);
+
+    let lease = s.lease_layer_images_at_most(&a, 3).unwrap();
+    let paths = lease.paths().to_vec();
+    assert_eq!(paths.len(), 3);
+    assert_eq!(
+        &paths[1..],
+        &plain[7..],
+        "the top layers are the plain ones"
+    );
+    let merged = &paths[0];
+    assert!(!plain.contains(merged));
+    let list = listing(merged);
+    let want = [
+        "- bin/tool",
+        "- data/a/inner",
+        "- data/a/inner2",
+        "- etc/app/new",
+        "- etc/hl",
+        "- etc/hl2",
+        "- etc/keep",
+        "- etc/orig",
+        "- opt/new1",
+        "- usr/lib/x",
+        "- var/x",
+        "d bin",
+        "d data",
+        "d data/a",
+        "d etc",
+        "d etc/app",
+        "d opt",
+        "d tmp2",
+        "d usr",
+        "d usr/lib",
+        "d var",
+        "l etc/link",
+    ];
+    assert_eq!(tree_of(&list), want, "{list}");
+    assert_eq!(cat(merged, "var/x"), b"now a file");
+    assert_eq!(cat(merged, "etc/orig"), b"replaced");
+    // The hard links survive their replaced target with the data they had.
+    assert_eq!(cat(merged, "etc/hl"), b"orig");
+    assert_eq!(cat(merged, "etc/hl2"), b"orig");
+    assert_eq!(cat(merged, "data/a/inner"), b"inner");
+    assert!(
+        line_of(&list, "etc/app").unwrap().starts_with("drwxr-x---"),
+        "the highest layer's directory attributes win: {list}"
+    );
+    assert!(line_of(&list, "etc/link").unwrap().ends_with("-> app/new"));
+    for d in ["/", "/etc/app", "/data/a", "/etc"] {
+        assert!(!xattrs(merged, d).contains("overlay"), "{d} is not opaque");
+    }
+
+    // Image b shares the seven base layers: same merged image, not made again.
+    let made = std::fs::metadata(merged).unwrap().modified().unwrap();
+    let b = s.load(&format!("oci:{}", pb.display())).unwrap();
+    let lease_b = s.lease_layer_images_at_most(&b, 3).unwrap();
+    assert_eq!(&lease_b.paths()[0], merged);
+    assert_ne!(lease_b.paths()[2], paths[2]);
+    assert_eq!(std::fs::metadata(merged).unwrap().modified().unwrap(), made);
+    drop((lease, lease_b));
+
+    // Enough slots: the plain layers.
+    for max in [9, 20] {
+        let l = s.lease_layer_images_at_most(&a, max).unwrap();
+        assert_eq!(l.paths(), &plain[..]);
+    }
+    // One slot: everything merged.
+    let one = s.lease_layer_images_at_most(&a, 1).unwrap();
+    assert_eq!(one.paths().len(), 1);
+    let all = tree_of(&listing(&one.paths()[0]));
+    assert!(all.contains(&"- top/a".to_string()) && all.contains(&"- top/seven".to_string()));
+    assert!(s.lease_layer_images_at_most(&a, 0).is_err());
+    drop(one);
+
+    // Prune keeps merged images of named images, and drops them with the image.
+    s.prune().unwrap();
+    assert!(merged.exists());
+    s.remove("a").unwrap();
+    s.remove("b").unwrap();
+    s.prune().unwrap();
+    assert!(!merged.exists());
+    assert_eq!(files_in(&dir.join("store/layers")), Vec::<String>::new());
+}
+
+/// An 8-layer image boots on QEMU (6 layer disks at most): its 3 lowest layers run merged.
+#[test]
+fn an_image_with_more_layers_than_qemu_has_disks_runs() {
+    let kernel = Path::new("/var/lib/microvm/kernel/vmlinux");
+    let busybox = Path::new("/bin/busybox");
+    if !kernel.is_file() || !busybox.is_file() {
+        eprintln!("SKIPPED an_image_with_more_layers_than_qemu_has_disks_runs: no guest kernel or busybox-static");
+        return;
+    }
+    if !tools_or_skip("an_image_with_more_layers_than_qemu_has_disks_runs")
+        || !tool_or_skip(
+            "an_image_with_more_layers_than_qemu_has_disks_runs",
+            "qemu-system-x86_64",
+        )
+    {
+        return;
+    }
+    let dir = TempDir::new("merge-run");
+    let mut base = Layer::new()
+        .dir("bin/")
+        .entry(
+            b"bin/busybox",
+            Kind::File(&std::fs::read(busybox).unwrap()),
+            0o755,
+            &[],
+        )
+        .dir("w/")
+        .file("etc/gone", b"gone")
+        .file("etc/app/old", b"old");
+    for applet in ["sh", "cat", "ls", "test"] {
+        base = base.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let mut layers = vec![
+        base.tar(),
+        Layer::new()
+            .file("etc/.wh.gone", b"")
+            .file("data/f", b"file")
+            .tar(),
+        Layer::new()
+            .file("data/.wh.f", b"")
+            .file("data/f/inner", b"inner\n")
+            .file("etc/app/.wh..wh..opq", b"")
+            .file("etc/app/new", b"")
+            .tar(),
+    ];
+    for n in 3..8 {
+        layers.push(Layer::new().file(&format!("layers/{n}"), b"").tar());
+    }
+    let layers: Vec<(Vec<u8>, &str)> = layers.into_iter().map(|t| (t, TAR_GZ)).collect();
+    let path = layout(&dir, "eight", &layers);
+    let script = "cat /data/f/inner; ls -1 /etc/app /layers; test -e /etc/gone && echo present || echo absent";
+    let out = microvm(&dir.join("store"))
+        .args([
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--timeout",
+            "120",
+            "--kernel",
+        ])
+        .arg(kernel)
+        .arg(format!("oci:{}", path.display()))
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "inner\n/etc/app:\nnew\n\n/layers:\n3\n4\n5\n6\n7\nabsent\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    let merged = files_in(&dir.join("store/layers"))
+        .into_iter()
+        .filter(|f| f.starts_with("merged-"))
+        .count();
+    assert_eq!(merged, 1);
+}

@@ -136,13 +136,15 @@ const SCRATCH_SERIAL: &str = "scratch";
 fn image_root(
     name: &str,
     run_dir: &std::path::Path,
+    max_layers: usize,
     disks: &mut Vec<DiskPlan>,
 ) -> Result<ImageRoot, String> {
     let store = crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
     let image = store.resolve(name).map_err(|e| e.to_string())?;
-    // Held until the run ends, so that `microvm prune` leaves these layer images alone.
+    // Held until the run ends, so that `microvm prune` leaves these layer images alone. Layers
+    // beyond what the backend can attach are merged, lowest first.
     let lease = store
-        .lease_layer_images(&image)
+        .lease_layer_images_at_most(&image, max_layers)
         .map_err(|e| e.to_string())?;
     let mut serials = Vec::with_capacity(lease.paths().len());
     for (i, path) in lease.paths().iter().enumerate() {
@@ -244,7 +246,13 @@ impl Run {
             initrd.push(archive);
             (container::ImageDefaults::default(), None, None)
         } else {
-            image_root(&first, &run_dir.0, &mut disks)?
+            // Device slots left for layers once vsock and the scratch disk have theirs.
+            let slots = match hypervisor {
+                Hypervisor::Qemu => backend::qemu::TRANSPORTS,
+                _ => crate::vmm::virtio::MAX_DEVICES as usize,
+            };
+            let max_layers = slots - 2;
+            image_root(&first, &run_dir.0, max_layers, &mut disks)?
         };
         let t_root = crate::timing::since_start();
         let process = container::process(&defaults, &overrides)?;

@@ -6,11 +6,11 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 
 use super::digest::{Digest, HashingReader};
 use super::error::{Error, IoContext};
-use super::layer_rewrite::{self, RewriteError, Summary};
+use super::layer_rewrite::{self, Merge, MergeWriter, RewriteError, Summary};
 
 /// The squashfs compressor: zstd at level 1 is the fastest one the guest kernel reads
 /// (CONFIG_SQUASHFS_ZSTD); tar2sqfs stores a block raw whenever compressing does not shrink it.
@@ -89,72 +89,158 @@ pub(crate) fn convert(
     tmp: &Path,
     progress: &indicatif::ProgressBar,
 ) -> Result<Summary, Error> {
+    run_tar2sqfs(tmp, digest.as_str(), |stdin| {
+        read_layer(blob, digest, progress, |r| layer_rewrite::rewrite(r, stdin))
+    })
+}
+
+/// Merges the layer blobs `layers` (bottom first, with their digests) into one squashfs image
+/// at `tmp`, as [`convert`] does one: see [`layer_rewrite::Merge`]. Each blob is read (and
+/// re-hashed) twice: once to work out what survives, once to write it.
+pub(crate) fn convert_merged(
+    layers: &[(PathBuf, Digest)],
+    tmp: &Path,
+    progress: &indicatif::ProgressBar,
+) -> Result<Summary, Error> {
+    let label = match (layers.first(), layers.last()) {
+        (Some((_, bottom)), Some((_, top))) => format!("{bottom} to {top} (merged)"),
+        _ => return Err(Error::Unsupported("no layers to merge".into())),
+    };
     let tool = tar2sqfs()?;
-    let file = File::open(blob).ctx(|| format!("opening layer blob {}", blob.display()))?;
+    let mut merge = Merge::new();
+    for (blob, digest) in layers {
+        read_layer(blob, digest, progress, |r| merge.apply(r)).map_err(|f| f.into_error(None))?;
+    }
+    let plans = merge.plans();
+    run_tar2sqfs_with(&tool, tmp, &label, |stdin| {
+        let mut w = MergeWriter::new(stdin);
+        for ((blob, digest), plan) in layers.iter().zip(&plans) {
+            read_layer(blob, digest, progress, |r| w.layer(r, plan))?;
+        }
+        w.finish(&merge).map_err(|err| Failure::Layer {
+            digest: label.clone(),
+            err,
+        })
+    })
+}
+
+/// Why feeding tar2sqfs stopped.
+enum Failure {
+    /// Already a store error (I/O on the blob, a digest mismatch).
+    Store(Error),
+    /// Rewriting the layer `digest` failed.
+    Layer { digest: String, err: RewriteError },
+}
+
+impl Failure {
+    /// The store error; `tar2sqfs` is its exit status and standard error, when it ran.
+    fn into_error(self, tar2sqfs: Option<(String, String)>) -> Error {
+        match self {
+            Failure::Store(e) => e,
+            Failure::Layer {
+                digest,
+                err: RewriteError::Output(e),
+            } => match tar2sqfs {
+                Some((status, stderr)) => Error::Tar2sqfs {
+                    digest,
+                    status,
+                    stderr,
+                },
+                None => Error::io(format!("writing the image of layer {digest}"), e),
+            },
+            Failure::Layer {
+                digest,
+                err: RewriteError::Input(e),
+            } => Error::HostileLayer {
+                digest,
+                reason: format!("not a readable tar after decompression: {e}"),
+            },
+            Failure::Layer {
+                digest,
+                err: RewriteError::Hostile(reason),
+            } => Error::HostileLayer { digest, reason },
+        }
+    }
+}
+
+/// Streams the layer blob at `blob` through its decompressor into `f`, then checks the blob
+/// against `digest`: a damaged blob is reported as that, whatever `f` made of it.
+fn read_layer<T>(
+    blob: &Path,
+    digest: &Digest,
+    progress: &indicatif::ProgressBar,
+    f: impl FnOnce(&mut dyn Read) -> Result<T, RewriteError>,
+) -> Result<T, Failure> {
+    let file = File::open(blob)
+        .ctx(|| format!("opening layer blob {}", blob.display()))
+        .map_err(Failure::Store)?;
     let hashing = HashingReader::new(progress.wrap_read(file));
     let mut buffered = BufReader::with_capacity(READ_BUF, hashing);
-    let compression = detect_compression(&mut buffered).map_err(|e| Error::HostileLayer {
-        digest: digest.to_string(),
-        reason: e.to_string(),
+    let compression = detect_compression(&mut buffered).map_err(|e| {
+        Failure::Store(Error::HostileLayer {
+            digest: digest.to_string(),
+            reason: e.to_string(),
+        })
     })?;
+    let result = (|| {
+        let mut decoder = compression
+            .decoder(Box::new(&mut buffered) as Box<dyn BufRead>)
+            .map_err(RewriteError::Input)?;
+        f(&mut decoder)
+    })();
+    let (actual, _) = buffered
+        .into_inner()
+        .drain_and_finish()
+        .ctx(|| format!("reading layer blob {}", blob.display()))
+        .map_err(Failure::Store)?;
+    if &actual != digest {
+        return Err(Failure::Store(Error::DigestMismatch {
+            digest: digest.to_string(),
+            actual: actual.to_string(),
+        }));
+    }
+    result.map_err(|err| Failure::Layer {
+        digest: digest.to_string(),
+        err,
+    })
+}
 
-    let mut child = spawn(&tool, tmp)?;
+/// Runs tar2sqfs writing `tmp` from what `feed` writes to its standard input. `label` names
+/// the layer(s) in a tar2sqfs failure that `feed` did not see.
+fn run_tar2sqfs(
+    tmp: &Path,
+    label: &str,
+    feed: impl FnOnce(BufWriter<ChildStdin>) -> Result<Summary, Failure>,
+) -> Result<Summary, Error> {
+    run_tar2sqfs_with(&tar2sqfs()?, tmp, label, feed)
+}
+
+fn run_tar2sqfs_with(
+    tool: &Path,
+    tmp: &Path,
+    label: &str,
+    feed: impl FnOnce(BufWriter<ChildStdin>) -> Result<Summary, Failure>,
+) -> Result<Summary, Error> {
+    let mut child = spawn(tool, tmp)?;
     let piped = || Error::io("starting tar2sqfs", io::ErrorKind::BrokenPipe.into());
     let stdin = child.stdin.take().ok_or_else(piped)?;
     let stderr = child.stderr.take().ok_or_else(piped)?;
     // Drained on its own thread: a chatty tar2sqfs must never block on a full pipe while we
     // block writing to it.
     let stderr_thread = std::thread::spawn(move || keep_tail(stderr));
-
-    let result = (|| -> Result<Summary, RewriteError> {
-        let mut decoder = compression
-            .decoder(Box::new(&mut buffered) as Box<dyn BufRead>)
-            .map_err(RewriteError::Input)?;
-        layer_rewrite::rewrite(&mut decoder, BufWriter::with_capacity(READ_BUF, stdin))
-    })();
+    let result = feed(BufWriter::with_capacity(READ_BUF, stdin));
     if result.is_err() {
         let _ = child.kill();
     }
     let status = child.wait().ctx(|| "waiting for tar2sqfs".to_string())?;
     let stderr_text = stderr_thread.join().unwrap_or_default();
-    // Whatever happened, a blob that does not match its digest is reported as that.
-    let (actual, _) = buffered
-        .into_inner()
-        .drain_and_finish()
-        .ctx(|| format!("reading layer blob {}", blob.display()))?;
-    if &actual != digest {
-        return Err(Error::DigestMismatch {
-            digest: digest.to_string(),
-            actual: actual.to_string(),
-        });
-    }
-    let summary = match result {
-        Ok(s) => s,
-        Err(RewriteError::Output(_)) => {
-            return Err(Error::Tar2sqfs {
-                digest: digest.to_string(),
-                status: status.to_string(),
-                stderr: stderr_text.trim().to_string(),
-            })
-        }
-        Err(RewriteError::Input(e)) => {
-            return Err(Error::HostileLayer {
-                digest: digest.to_string(),
-                reason: format!("not a readable tar after decompression: {e}"),
-            })
-        }
-        Err(RewriteError::Hostile(reason)) => {
-            return Err(Error::HostileLayer {
-                digest: digest.to_string(),
-                reason,
-            })
-        }
-    };
+    let tar2sqfs_said = (status.to_string(), stderr_text.trim().to_string());
+    let summary = result.map_err(|f| f.into_error(Some(tar2sqfs_said.clone())))?;
     if !status.success() {
         return Err(Error::Tar2sqfs {
-            digest: digest.to_string(),
-            status: status.to_string(),
-            stderr: stderr_text.trim().to_string(),
+            digest: label.to_string(),
+            status: tar2sqfs_said.0,
+            stderr: tar2sqfs_said.1,
         });
     }
     Ok(summary)

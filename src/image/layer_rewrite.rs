@@ -14,6 +14,8 @@
 //! - A layer is rejected when it puts an entry beneath a symlink or other non-directory of its
 //!   own ("symlink out, then write through it"), names a path twice, or hard-links to anything
 //!   but an earlier non-directory of the same layer (e.g. a host path).
+//! - [`merge`] runs the same checks over several layers to write them as one (what overlayfs
+//!   shows of them stacked), for VMs with fewer disk slots than the image has layers.
 //!
 //! Ownership, modes (setuid included), mtimes, xattrs, symlinks (targets kept verbatim: they
 //! resolve inside the guest), hard links and device nodes are kept.
@@ -79,34 +81,64 @@ struct Dir {
 
 /// Rewrites the layer tar read from `input` into `output` (see the module comment).
 pub(crate) fn rewrite<R: Read, W: Write>(input: R, output: W) -> Result<Summary, RewriteError> {
-    let mut rw = Rewriter {
-        out: TarWriter::new(output),
-        dirs: HashMap::new(),
-        nondirs: HashSet::new(),
-        whiteouts: Vec::new(),
-        last_parent: None,
-        summary: Summary::default(),
-    };
-    rw.dirs.insert(Vec::new(), Dir::default());
-    let mut archive = tar::Archive::new(input);
-    for entry in archive.entries().map_err(RewriteError::Input)? {
-        let entry = entry.map_err(RewriteError::Input)?;
-        rw.entry(entry)?;
-    }
+    let mut out = TarWriter::new(output);
+    let mut rw = Rewriter::new(&mut out, None);
+    rw.run(input)?;
     rw.finish()
 }
 
-struct Rewriter<W: Write> {
-    out: TarWriter<W>,
+struct Rewriter<'a, W: Write> {
+    out: &'a mut TarWriter<W>,
+    /// When merging layers: which of this layer's non-directories are written, and where.
+    plan: Option<&'a merge::LayerPlan>,
     dirs: HashMap<Vec<u8>, Dir>,
     nondirs: HashSet<Vec<u8>>,
     whiteouts: Vec<Vec<u8>>,
+    /// Hard links in layer order: (path, the non-link entry it finally names).
+    links: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Hard link path -> the non-link entry it finally names (links may name links).
+    link_roots: HashMap<Vec<u8>, Vec<u8>>,
     /// The last directory chain checked, to skip re-walking siblings' parents.
     last_parent: Option<Vec<u8>>,
     summary: Summary,
 }
 
-impl<W: Write> Rewriter<W> {
+impl<'a, W: Write> Rewriter<'a, W> {
+    fn new(out: &'a mut TarWriter<W>, plan: Option<&'a merge::LayerPlan>) -> Self {
+        let mut rw = Rewriter {
+            out,
+            plan,
+            dirs: HashMap::new(),
+            nondirs: HashSet::new(),
+            whiteouts: Vec::new(),
+            links: Vec::new(),
+            link_roots: HashMap::new(),
+            last_parent: None,
+            summary: Summary::default(),
+        };
+        rw.dirs.insert(Vec::new(), Dir::default());
+        rw
+    }
+
+    /// Checks and records every entry of the layer tar `input`, writing non-directories.
+    fn run<R: Read>(&mut self, input: R) -> Result<(), RewriteError> {
+        let mut archive = tar::Archive::new(input);
+        for entry in archive.entries().map_err(RewriteError::Input)? {
+            let entry = entry.map_err(RewriteError::Input)?;
+            self.entry(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Where a non-directory of this layer is written: its own path unless merging, where it
+    /// may go nowhere (hidden by a higher layer) or to a hard link's path (see [`merge`]).
+    fn place(&self, path: &[u8]) -> Option<Vec<u8>> {
+        match self.plan {
+            None => Some(path.to_vec()),
+            Some(plan) => plan.place(path),
+        }
+    }
+
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), RewriteError> {
         let raw = entry.path_bytes().into_owned();
         let etype = entry.header().entry_type();
@@ -135,9 +167,12 @@ impl<W: Write> Rewriter<W> {
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.claim(&path, parent)?;
+                let Some(dest) = self.place(&path) else {
+                    return Ok(());
+                };
                 let size = entry.size();
                 self.out.write(
-                    &path,
+                    &dest,
                     EntryType::Regular,
                     &meta,
                     None,
@@ -160,8 +195,11 @@ impl<W: Write> Rewriter<W> {
                     )));
                 }
                 self.claim(&path, parent)?;
+                let Some(dest) = self.place(&path) else {
+                    return Ok(());
+                };
                 self.out
-                    .write(&path, etype, &meta, Some(&target), (0, 0), 0, None)?;
+                    .write(&dest, etype, &meta, Some(&target), (0, 0), 0, None)?;
                 self.summary.entries += 1;
                 Ok(())
             }
@@ -179,8 +217,24 @@ impl<W: Write> Rewriter<W> {
                     )));
                 }
                 self.claim(&path, parent)?;
+                let root = self
+                    .link_roots
+                    .get(&target)
+                    .cloned()
+                    .unwrap_or_else(|| target.clone());
+                self.link_roots.insert(path.clone(), root.clone());
+                self.links.push((path.clone(), root.clone()));
+                let Some(dest) = self.place(&path) else {
+                    return Ok(());
+                };
+                // Unmerged, the link is kept as the layer wrote it; merged, it names where its
+                // file's data went.
+                let target = match self.plan {
+                    None => target,
+                    Some(plan) => plan.link_target(&root),
+                };
                 self.out
-                    .write(&path, etype, &meta, Some(&target), (0, 0), 0, None)?;
+                    .write(&dest, etype, &meta, Some(&target), (0, 0), 0, None)?;
                 self.summary.entries += 1;
                 Ok(())
             }
@@ -191,7 +245,10 @@ impl<W: Write> Rewriter<W> {
                     h.device_minor().ok().flatten().unwrap_or(0),
                 );
                 self.claim(&path, parent)?;
-                self.out.write(&path, etype, &meta, None, dev, 0, None)?;
+                let Some(dest) = self.place(&path) else {
+                    return Ok(());
+                };
+                self.out.write(&dest, etype, &meta, None, dev, 0, None)?;
                 self.summary.entries += 1;
                 Ok(())
             }
@@ -556,5 +613,8 @@ fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     out.push(b'\n');
 }
 
+mod merge;
 #[cfg(test)]
 mod tests;
+
+pub(crate) use merge::{Merge, MergeWriter};

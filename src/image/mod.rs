@@ -8,6 +8,9 @@
 //! - `images.json`: name -> manifest digest ([`names`]);
 //! - `layers/<hex>.sqfs`: the layer blob `<hex>` converted ([`layer_convert`]), shared by every
 //!   VM;
+//! - `layers/merged-<key>.sqfs`: the lowest layers of an image merged into one, for VMs with
+//!   fewer disk slots than the image has layers ([`Store::lease_layer_images_at_most`]); `<key>`
+//!   is a sha256 over the merged layers' digests, so images sharing those layers share it;
 //! - `store.lock`, `images.lock`, `locks/<hex>.lock`: flock files ordering writers.
 //!
 //! Flow: a reference ([`reference`]) names a source ([`source`]): an OCI layout

@@ -14,6 +14,7 @@ use super::digest::{verify_bytes, Digest, HashingWriter};
 use super::docker_archive;
 use super::error::{Error, IoContext};
 use super::layer_convert::{self, detect_compression, Compression};
+use super::layer_rewrite::Summary;
 use super::lock::{self, FileLock, Mode};
 use super::names::{self, Record};
 use super::oci_layout::{self, MAX_JSON};
@@ -27,6 +28,8 @@ use super::{Image, ImageSummary, PruneReport, RunConfig};
 /// Prefix of temporary files; never trusted, removed by the next conversion of the same layer
 /// or by `prune`.
 const TMP_PREFIX: &str = ".tmp-";
+/// Prefix of merged layer images (`layers/merged-<key>.sqfs`, see [`merge_key`]).
+const MERGED_PREFIX: &str = "merged-";
 /// Blobs smaller than this get no progress bar.
 const BAR_MIN: u64 = 4 << 20;
 const COPY_BUF: usize = 256 << 10;
@@ -520,10 +523,19 @@ impl Store {
                     .hex()
                     .to_string(),
             );
+            let mut layers = Vec::new();
             for l in manifest.layers() {
                 let l = Digest::parse(l.digest().as_ref())?;
                 keep_blobs.insert(l.hex().to_string());
                 keep_layers.insert(format!("{}.sqfs", l.hex()));
+                layers.push(l);
+            }
+            // Any run may merge any run of lowest layers, depending on its backend.
+            for k in 2..=layers.len() {
+                keep_layers.insert(format!(
+                    "{MERGED_PREFIX}{}.sqfs",
+                    merge_key(&layers[..k]).hex()
+                ));
             }
         }
         let mut report = PruneReport::default();
@@ -585,69 +597,156 @@ impl Store {
     pub fn lease_layer_images(&self, image: &Image) -> Result<LayerLease, Error> {
         let _gc = self.gc_lock(Mode::Shared)?;
         let mut paths = Vec::new();
-        let mut locks = Vec::new();
         for l in &image.layers {
-            let path = self.layer_image(&Digest::parse(l)?)?;
-            let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-            let held = lock::try_lock(file, Mode::Shared, &path)?.ok_or_else(|| {
-                Error::io(
-                    format!("locking {}", path.display()),
-                    io::ErrorKind::WouldBlock.into(),
-                )
-            })?;
-            locks.push(held);
-            paths.push(path);
+            paths.push(self.layer_image(&Digest::parse(l)?)?);
         }
-        Ok(LayerLease {
-            paths,
-            _locks: locks,
-        })
+        lease(paths)
+    }
+
+    /// As [`Store::lease_layer_images`], but hands out at most `max` images (at least 1): when
+    /// the image has more layers, its lowest ones are merged into one image (what overlayfs
+    /// would show of them stacked), cached and shared by every image with the same base
+    /// layers, so that the image fits the disks a VM can attach.
+    pub fn lease_layer_images_at_most(
+        &self,
+        image: &Image,
+        max: usize,
+    ) -> Result<LayerLease, Error> {
+        let n = image.layers.len();
+        if n <= max {
+            return self.lease_layer_images(image);
+        }
+        if max == 0 {
+            return Err(Error::Unsupported(
+                "no disk is left for the image's layers: the VM needs at least one".into(),
+            ));
+        }
+        let _gc = self.gc_lock(Mode::Shared)?;
+        let digests = image
+            .layers
+            .iter()
+            .map(|l| Digest::parse(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (base, top) = digests.split_at(n - max + 1);
+        let mut paths = vec![self.merged_image(base)?];
+        for d in top {
+            paths.push(self.layer_image(d)?);
+        }
+        lease(paths)
+    }
+
+    /// Where the merge of layer blobs `layers` (bottom first) lives.
+    pub fn merged_image_path(&self, layers: &[Digest]) -> PathBuf {
+        self.layers_dir()
+            .join(format!("{MERGED_PREFIX}{}.sqfs", merge_key(layers).hex()))
     }
 
     /// Converts one layer unless done already; the caller holds the shared store lock.
     fn layer_image(&self, d: &Digest) -> Result<PathBuf, Error> {
-        let target = self.layer_image_path(d);
+        let blob = self.blob_path(d);
+        self.cached_image(
+            d.hex(),
+            &self.layer_image_path(d),
+            &[(blob.clone(), d.clone())],
+            format!("converting {}", progress::short(d.as_str())),
+            |tmp, bar| layer_convert::convert(&blob, d, tmp, bar),
+        )
+    }
+
+    /// Merges layers `base` (bottom first) unless done already; the caller holds the shared
+    /// store lock.
+    fn merged_image(&self, base: &[Digest]) -> Result<PathBuf, Error> {
+        let key = format!("{MERGED_PREFIX}{}", merge_key(base).hex());
+        let blobs: Vec<(PathBuf, Digest)> = base
+            .iter()
+            .map(|d| (self.blob_path(d), d.clone()))
+            .collect();
+        self.cached_image(
+            &key,
+            &self.merged_image_path(base),
+            &blobs,
+            format!("merging the {} lowest layers", base.len()),
+            |tmp, bar| layer_convert::convert_merged(&blobs, tmp, bar),
+        )
+    }
+
+    /// Makes the layer image `target` from `blobs` with `convert` unless it exists, under the
+    /// lock `key` and through a temporary file, so that concurrent callers share one conversion
+    /// and a killed one leaves only a temporary file.
+    fn cached_image(
+        &self,
+        key: &str,
+        target: &Path,
+        blobs: &[(PathBuf, Digest)],
+        label: String,
+        convert: impl FnOnce(&Path, &indicatif::ProgressBar) -> Result<Summary, Error>,
+    ) -> Result<PathBuf, Error> {
         if target.exists() {
-            return Ok(target);
+            return Ok(target.to_path_buf());
         }
         let _one = lock::lock(
-            &self.root.join("locks").join(format!("{}.lock", d.hex())),
+            &self.root.join("locks").join(format!("{key}.lock")),
             Mode::Exclusive,
         )?;
         if target.exists() {
-            return Ok(target); // another process converted it while we waited
+            return Ok(target.to_path_buf()); // another process converted it while we waited
         }
-        let blob = self.blob_path(d);
-        let len = fs::metadata(&blob)
-            .map_err(|_| Error::MissingBlob {
-                container: format!("the image store {}", self.root.display()),
-                what: "layer",
-                digest: d.to_string(),
-            })?
-            .len();
-        // Holding the layer's lock, any temporary file for it is a dead conversion's.
-        let stale = format!("{TMP_PREFIX}{}-", d.hex());
+        let mut len = 0;
+        for (blob, d) in blobs {
+            len += fs::metadata(blob)
+                .map_err(|_| Error::MissingBlob {
+                    container: format!("the image store {}", self.root.display()),
+                    what: "layer",
+                    digest: d.to_string(),
+                })?
+                .len();
+        }
+        // Holding the lock, any temporary file for this image is a dead conversion's.
+        let stale = format!("{TMP_PREFIX}{key}-");
         for (name, path, _) in list_dir(&self.layers_dir())? {
             if name.starts_with(&stale) {
                 remove(&path)?;
             }
         }
         let tmp = TempFile::create(self.layers_dir().join(format!("{stale}{}.sqfs", unique())))?;
-        let bar = progress::bar(
-            self.progress && len >= BAR_MIN,
-            len,
-            format!("converting {}", progress::short(d.as_str())),
-        );
-        let summary = layer_convert::convert(&blob, d, &tmp.path, &bar)?;
+        // A merge reads its blobs twice.
+        let len = if blobs.len() > 1 { 2 * len } else { len };
+        let bar = progress::bar(self.progress && len >= BAR_MIN, len, label);
+        let summary = convert(&tmp.path, &bar)?;
         bar.finish_and_clear();
-        tracing::debug!(layer = %d, ?summary, "layer converted");
+        tracing::debug!(image = %target.display(), ?summary, "layer image made");
         tmp.file()?
             .sync_all()
             .ctx(|| format!("syncing {}", tmp.path.display()))?;
-        tmp.persist(&target)?;
+        tmp.persist(target)?;
         sync_dir(&self.layers_dir()).ctx(|| format!("syncing {}", self.layers_dir().display()))?;
-        Ok(target)
+        Ok(target.to_path_buf())
     }
+}
+
+/// Holds `paths` (a shared lock on each) for a [`LayerLease`].
+fn lease(paths: Vec<PathBuf>) -> Result<LayerLease, Error> {
+    let mut locks = Vec::new();
+    for path in &paths {
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let held = lock::try_lock(file, Mode::Shared, path)?.ok_or_else(|| {
+            Error::io(
+                format!("locking {}", path.display()),
+                io::ErrorKind::WouldBlock.into(),
+            )
+        })?;
+        locks.push(held);
+    }
+    Ok(LayerLease {
+        paths,
+        _locks: locks,
+    })
+}
+
+/// The name of the merge of layer blobs `layers` (bottom first): a hash of their digests.
+fn merge_key(layers: &[Digest]) -> Digest {
+    let list: Vec<&str> = layers.iter().map(Digest::as_str).collect();
+    Digest::of(list.join("\n").as_bytes())
 }
 
 /// Reads a bare path as a reference: a directory is an OCI layout, a file an archive (docker's
