@@ -1,11 +1,11 @@
 //! `microvm boot`: boot a kernel (and initrd) in a VM and exit with the guest.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
 
 use super::signals::HostSignals;
+use super::vm_args::VmArgs;
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::backend::{self, VmEnd};
 use crate::plan::{Console, DiskPlan, VmPlan, VsockPlan, GUEST_CID, MAX_SERIAL};
@@ -18,24 +18,15 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// Flags of `microvm boot`.
 #[derive(Debug, Args)]
 pub struct BootArgs {
-    /// Guest kernel: ELF vmlinux (PVH entry used when present) or bzImage [default: $MICROVM_KERNEL, then the built kernel]
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
+    /// Kernel, vCPUs, memory, timeout.
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u8,
-    /// Guest RAM: MiB, or with a k, m or g suffix.
-    #[arg(long, value_name = "SIZE", default_value = "256", value_parser = super::parse_memory_mib)]
-    pub memory: u64,
-    /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long, value_name = "S")]
-    pub timeout: Option<f64>,
     /// Write the guest console to this file instead of standard error.
     #[arg(long, value_name = "PATH")]
     pub console_log: Option<PathBuf>,
@@ -84,13 +75,10 @@ fn parse_disk(spec: &str, index: usize) -> Result<DiskPlan, String> {
 
 /// Runs `microvm boot`; returns the exit status.
 pub fn run(args: BootArgs) -> i32 {
-    let timeout = match args.timeout {
-        None => None,
-        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
-        Some(s) => {
-            error_line(format!(
-                "--timeout must be a positive number of seconds, not {s}"
-            ));
+    let (timeout, kernel) = match (args.vm.timeout(), args.vm.kernel()) {
+        (Ok(t), Ok(k)) => (t, k),
+        (Err(e), _) | (_, Err(e)) => {
+            error_line(e);
             return EXIT_MICROVM_ERROR;
         }
     };
@@ -104,16 +92,12 @@ pub fn run(args: BootArgs) -> i32 {
             }
         }
     }
-    let Some(kernel) = args.kernel.or_else(crate::host::default_kernel) else {
-        error_line("no guest kernel found: pass --kernel PATH or set MICROVM_KERNEL");
-        return EXIT_MICROVM_ERROR;
-    };
     let plan = VmPlan {
         kernel,
         initrd: args.initrd.into_iter().collect(),
         cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory_mib: args.memory,
+        cpus: args.vm.cpus,
+        memory_mib: args.vm.memory,
         timeout,
         console: args.console_log.map_or(Console::Stderr, Console::File),
         vsock: args.vsock_uds.map(|uds_path| VsockPlan {

@@ -4,6 +4,7 @@ mod boot;
 mod image;
 mod run;
 mod signals;
+mod vm_args;
 
 use clap::{Parser, Subcommand};
 

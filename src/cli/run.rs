@@ -11,6 +11,7 @@ use microvm_agent_protocol::{self as proto, Message, RootSpec, RunSpec, StartFai
 use nix::sys::signal::Signal;
 
 use super::signals::HostSignals;
+use super::vm_args::VmArgs;
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::agent::{self, HostIo, Listener, Outcome, Session};
 use crate::backend::{self, Hypervisor, RunningVm, VmEnd};
@@ -52,18 +53,9 @@ pub struct RunArgs {
     /// Backend: auto (kvm where it boots the guest at full speed), kvm, or qemu (emulated).
     #[arg(long, value_enum, env = "MICROVM_HYPERVISOR", default_value = "auto")]
     pub hypervisor: Hypervisor,
-    /// Guest kernel [default: $MICROVM_KERNEL, then the built kernel].
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u8,
-    /// Guest RAM: MiB, or with a k, m or g suffix.
-    #[arg(long, value_name = "SIZE", default_value = "256", value_parser = super::parse_memory_mib)]
-    pub memory: u64,
-    /// Stop the VM after this many seconds (exit status 124).
-    #[arg(long, value_name = "S")]
-    pub timeout: Option<f64>,
+    /// Kernel, vCPUs, memory, timeout.
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Override the image's entrypoint ("" clears it).
     #[arg(long, value_name = "CMD")]
     pub entrypoint: Option<String>,
@@ -196,15 +188,7 @@ impl Run {
             "no image given: microvm run IMAGE [COMMAND [ARG...]]"
         })?;
         let cmd: Vec<String> = positional.collect();
-        let timeout = match args.timeout {
-            None => None,
-            Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
-            Some(s) => {
-                return Err(format!(
-                    "--timeout must be a positive number of seconds, not {s}"
-                ))
-            }
-        };
+        let timeout = args.vm.timeout()?;
         let mut env = Vec::new();
         for e in args.env {
             match e.split_once('=') {
@@ -226,9 +210,7 @@ impl Run {
             user: args.user,
         };
         let hypervisor = backend::choose(args.hypervisor)?;
-        let kernel = args.kernel.or_else(crate::host::default_kernel).ok_or(
-            "no guest kernel found: build it with scripts/build-kernel, or pass --kernel PATH",
-        )?;
+        let kernel = args.vm.kernel()?;
 
         let run_dir = new_run_dir()?;
         let base = crate::initramfs::base()
@@ -277,8 +259,8 @@ impl Run {
             kernel,
             initrd,
             cmdline,
-            cpus: args.cpus,
-            memory_mib: args.memory,
+            cpus: args.vm.cpus,
+            memory_mib: args.vm.memory,
             timeout,
             console: Console::File(run_dir.0.join("console.log")),
             vsock: Some(VsockPlan {
