@@ -5,28 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use microvm::backend::VmEnd;
 use microvm::plan::{Console, DiskPlan, VmPlan, VsockPlan, GUEST_CID};
 use microvm::vmm::Vm;
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(name: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("microvm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
 
 fn plan(dir: &Path, disks: Vec<DiskPlan>) -> VmPlan {
     VmPlan {

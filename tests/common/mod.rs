@@ -164,6 +164,23 @@ impl Drop for TempFile {
     }
 }
 
+/// A fresh scratch directory, removed with everything in it when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes an empty [`TempDir`] named after `name` and this process.
+pub fn temp_dir(name: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("microvm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    TempDir(d)
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed | 1;
