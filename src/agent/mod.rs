@@ -334,6 +334,22 @@ mod tests {
         }
     }
 
+    /// Connects as the agent would and says hello with `version`.
+    fn fake_agent_hello(path: &Path, version: u32) -> UnixStream {
+        let mut control = UnixStream::connect(path).unwrap();
+        proto::send(&mut control, &Message::Hello { version }).unwrap();
+        control
+    }
+
+    /// Opens the agent's stdin, stdout and stderr connections, in that order.
+    fn fake_agent_streams(path: &Path) -> [UnixStream; 3] {
+        [Stream::Stdin, Stream::Stdout, Stream::Stderr].map(|s| {
+            let mut c = UnixStream::connect(path).unwrap();
+            proto::send_stream_hello(&mut c, s).unwrap();
+            c
+        })
+    }
+
     #[test]
     fn a_whole_session_against_a_fake_agent() {
         let path = socket_path();
@@ -341,27 +357,11 @@ mod tests {
         let (watch, _guard) = VmWatch::new().unwrap();
         let agent_path = path.clone();
         let agent = std::thread::spawn(move || {
-            let mut control = UnixStream::connect(&agent_path).unwrap();
-            proto::send(
-                &mut control,
-                &Message::Hello {
-                    version: proto::VERSION,
-                },
-            )
-            .unwrap();
+            let mut control = fake_agent_hello(&agent_path, proto::VERSION);
             let Message::Run(spec) = proto::recv(&mut control).unwrap() else {
                 panic!("no spec")
             };
-            let open = |s| {
-                let mut c = UnixStream::connect(&agent_path).unwrap();
-                proto::send_stream_hello(&mut c, s).unwrap();
-                c
-            };
-            let (mut stdin, mut stdout, mut stderr) = (
-                open(Stream::Stdin),
-                open(Stream::Stdout),
-                open(Stream::Stderr),
-            );
+            let [mut stdin, mut stdout, mut stderr] = fake_agent_streams(&agent_path);
             proto::pump_to_frames(&mut &b"hello out"[..], &mut stdout).unwrap();
             proto::pump_to_frames(&mut &b"hello err"[..], &mut stderr).unwrap();
             let mut received = Vec::new();
@@ -395,14 +395,7 @@ mod tests {
         let (watch, _guard) = VmWatch::new().unwrap();
         let agent_path = path.clone();
         let agent = std::thread::spawn(move || {
-            let mut control = UnixStream::connect(&agent_path).unwrap();
-            proto::send(
-                &mut control,
-                &Message::Hello {
-                    version: proto::VERSION + 1,
-                },
-            )
-            .unwrap();
+            let mut control = fake_agent_hello(&agent_path, proto::VERSION + 1);
             proto::recv(&mut control).unwrap()
         });
         let (out, err) = (Sink::default(), Sink::default());
@@ -435,23 +428,9 @@ mod tests {
         let (watch, guard) = VmWatch::new().unwrap();
         let agent_path = path.clone();
         let agent = std::thread::spawn(move || {
-            let mut control = UnixStream::connect(&agent_path).unwrap();
-            proto::send(
-                &mut control,
-                &Message::Hello {
-                    version: proto::VERSION,
-                },
-            )
-            .unwrap();
+            let mut control = fake_agent_hello(&agent_path, proto::VERSION);
             proto::recv(&mut control).unwrap();
-            let conns: Vec<_> = [Stream::Stdin, Stream::Stdout, Stream::Stderr]
-                .into_iter()
-                .map(|s| {
-                    let mut c = UnixStream::connect(&agent_path).unwrap();
-                    proto::send_stream_hello(&mut c, s).unwrap();
-                    c
-                })
-                .collect();
+            let conns = fake_agent_streams(&agent_path);
             // The VM goes away: connections close, the VM ends.
             drop(conns);
             drop(control);
