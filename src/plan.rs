@@ -45,6 +45,19 @@ pub struct DiskPlan {
     pub serial: String,
 }
 
+/// A virtio-fs share: a vhost-user-fs backend (virtiofsd) already listening on `socket`, which
+/// the guest mounts by `tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsPlan {
+    /// The mount tag the guest sees (virtio-fs config `tag`, at most [`MAX_FS_TAG`] bytes).
+    pub tag: String,
+    /// The backend's vhost-user Unix socket.
+    pub socket: PathBuf,
+}
+
+/// Longest virtio-fs tag (the config field is 36 bytes).
+pub const MAX_FS_TAG: usize = 36;
+
 /// Everything a backend needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmPlan {
@@ -67,4 +80,7 @@ pub struct VmPlan {
     pub vsock: Option<VsockPlan>,
     /// Block devices, in the order they are attached.
     pub disks: Vec<DiskPlan>,
+    /// virtio-fs shares, attached after the disks. Guest RAM is a shared memfd when there is
+    /// any, since the backends must map it.
+    pub shares: Vec<FsPlan>,
 }

@@ -268,6 +268,7 @@ impl Run {
                 uds_path: run_dir.0.join("vsock.sock"),
             }),
             disks,
+            shares: Vec::new(),
         };
         Ok(Run {
             hypervisor,
