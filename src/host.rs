@@ -140,10 +140,23 @@ pub fn info_report() -> String {
     let boots_linux = if !kvm_ok {
         "no: no usable KVM"
     } else if is_pvm() {
-        "no (not in useful time): PVM emulates a stock kernel's ring-0 code; bare-metal guests run"
+        "slowly (about 90 s to init): PVM emulates the guest kernel's ring-0 code; \
+         `--hypervisor kvm` asks for it, `auto` does not pick it"
     } else {
         "yes"
     };
     line("kvm boots linux", boots_linux.into());
+    if kvm_ok && is_pvm() {
+        let hidden: Vec<_> = crate::vmm::pvm::HIDDEN.iter().map(|f| f.name).collect();
+        line(
+            "pvm compatibility",
+            format!(
+                "guest CPUID hides {}; kernel option {} (our kernel's patch guard); \
+                 ELF vmlinux and an uncompressed initramfs",
+                hidden.join(" "),
+                crate::vmm::pvm::GUARD_PARAM
+            ),
+        );
+    }
     out
 }

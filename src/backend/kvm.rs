@@ -19,3 +19,13 @@ pub fn run(vm: Vm) -> Result<VmEnd, Error> {
 
 /// The guest resets through the i8042, which our VMM turns into the VM's end.
 pub const CMDLINE_EXTRA: &str = "reboot=k";
+
+/// [`CMDLINE_EXTRA`] plus, on a PVM host, the option that turns on our guest kernel's PVM
+/// compatibility code (see `vmm::pvm`).
+pub fn cmdline_extra() -> String {
+    if crate::host::is_pvm() {
+        format!("{CMDLINE_EXTRA} {}", crate::vmm::pvm::GUARD_PARAM)
+    } else {
+        CMDLINE_EXTRA.to_string()
+    }
+}

@@ -51,17 +51,35 @@ pub fn choose(asked: Hypervisor) -> Result<Hypervisor, String> {
     }
 }
 
-/// The kernel command-line options a backend needs for its reboot path.
-pub fn cmdline_extra(h: Hypervisor) -> &'static str {
+/// The kernel command-line options a backend needs: its reboot path and, for `kvm` on a PVM
+/// host, our kernel's PVM compatibility option.
+pub fn cmdline_extra(h: Hypervisor) -> String {
     match h {
-        Hypervisor::Qemu => qemu::CMDLINE_EXTRA,
-        _ => kvm::CMDLINE_EXTRA,
+        Hypervisor::Qemu => qemu::CMDLINE_EXTRA.to_string(),
+        _ => kvm::cmdline_extra(),
     }
 }
 
-enum Stopper {
+/// Stops a running VM from any thread (the guest gets no say).
+#[derive(Clone)]
+pub enum Stopper {
+    /// Our VMM's stop signal.
     Kvm(Arc<StopSignal>),
+    /// QEMU's process id (our child, not reaped before the VM's waiter ends).
     Qemu(u32),
+}
+
+impl Stopper {
+    /// Stops the VM.
+    pub fn stop(&self) {
+        match self {
+            Stopper::Kvm(stop) => stop.request(StopReason::HostSignal(libc::SIGKILL)),
+            Stopper::Qemu(pid) => {
+                // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
 /// A VM running in the background while the caller talks to its agent.
@@ -112,13 +130,12 @@ impl RunningVm {
 
     /// Stops the VM (the guest gets no say).
     pub fn stop(&self) {
-        match &self.stopper {
-            Stopper::Kvm(stop) => stop.request(StopReason::HostSignal(libc::SIGKILL)),
-            Stopper::Qemu(pid) => {
-                // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
-                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-            }
-        }
+        self.stopper.stop()
+    }
+
+    /// A handle that stops the VM from another thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
     }
 
     /// Waits for the VM to end, stopping it after `grace` if it has not.

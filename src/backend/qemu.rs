@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::helpers::{die_with_parent, find, Missing};
 use crate::plan::{Console, VmPlan};
 
 /// QEMU's microvm has no i8042: the guest resets by triple fault, which `-no-reboot` turns into
@@ -25,13 +26,8 @@ pub const TRANSPORTS: usize = 8;
 #[derive(Debug, Error)]
 pub enum Error {
     /// A program is not installed.
-    #[error("{program} not found: {hint}")]
-    Missing {
-        /// The program.
-        program: &'static str,
-        /// How to get it.
-        hint: &'static str,
-    },
+    #[error(transparent)]
+    Missing(#[from] Missing),
     /// Starting a process failed.
     #[error("cannot start {program}: {source}")]
     Spawn {
@@ -55,34 +51,6 @@ pub enum Error {
 pub struct Qemu {
     qemu: Child,
     vsock: Option<Child>,
-}
-
-/// Finds `program` in PATH or in cargo's bin directory (where `cargo install` puts helpers).
-fn find(program: &'static str, hint: &'static str) -> Result<PathBuf, Error> {
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|p| p.join("bin"));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(cargo_bin)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .ok_or(Error::Missing { program, hint })
-}
-
-/// Makes a child die with us (PR_SET_PDEATHSIG fires when the spawning thread exits, so spawn
-/// from the thread that lives as long as the process).
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// QEMU needs no network, no System V IPC and no hostname of ours: it gets new, empty network,

@@ -4,10 +4,11 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use microvm_agent_protocol::{self as proto, Message, RootSpec, RunSpec, StartFailure};
+use microvm_agent_protocol::{self as proto, Message, MountSpec, RootSpec, RunSpec, StartFailure};
 use nix::sys::signal::Signal;
 
 use super::signals::HostSignals;
@@ -16,7 +17,8 @@ use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::agent::{self, HostIo, Listener, Outcome, Session};
 use crate::backend::{self, Hypervisor, RunningVm, VmEnd};
 use crate::container;
-use crate::plan::{Console, DiskPlan, VmPlan, VsockPlan, GUEST_CID};
+use crate::plan::{Console, DiskPlan, FsPlan, VmPlan, VsockPlan, GUEST_CID};
+use crate::volumes::{self, Kind, Volume};
 
 /// Kernel options every run uses: console on COM1 (kept for crash reports), quiet, and no
 /// reboot loop on panic: the VM ends and the host reports the crash.
@@ -59,6 +61,14 @@ pub struct RunArgs {
     /// Override the image's entrypoint ("" clears it).
     #[arg(long, value_name = "CMD")]
     pub entrypoint: Option<String>,
+    /// Mount a host directory or file: /HOST/PATH:/CONTAINER/PATH[:ro|rw]. The host path must
+    /// exist.
+    #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    pub volume: Vec<String>,
+    /// Mount a host directory or file, docker's way: type=bind,source=/HOST,target=/CONTAINER
+    /// [,readonly].
+    #[arg(long, value_name = "type=bind,source=...,target=...")]
+    pub mount: Vec<String>,
     /// Read environment variables from a file (KEY=VALUE lines).
     #[arg(long, value_name = "FILE")]
     pub env_file: Vec<PathBuf>,
@@ -106,6 +116,8 @@ struct Run {
     hypervisor: Hypervisor,
     plan: VmPlan,
     spec: RunSpec,
+    /// Volumes, one virtiofsd each, in the order of `plan.shares`.
+    volumes: Vec<Volume>,
     run_dir: RunDir,
     /// With `--timings`: when the image (or root directory) was ready, since start.
     timings: Option<Duration>,
@@ -170,6 +182,11 @@ fn image_root(
     Ok((defaults, Some(root), Some(lease)))
 }
 
+/// The virtio-fs tag of volume `i`.
+fn share_tag(i: usize) -> String {
+    format!("microvm{i}")
+}
+
 /// The per-run directory (sockets, console log, initrd parts), removed at the end.
 struct RunDir(PathBuf);
 
@@ -189,6 +206,7 @@ impl Run {
         })?;
         let cmd: Vec<String> = positional.collect();
         let timeout = args.vm.timeout()?;
+        let volumes = volumes::parse_all(&args.volume, &args.mount).map_err(|e| e.to_string())?;
         let mut env = Vec::new();
         for e in args.env {
             match e.split_once('=') {
@@ -212,6 +230,20 @@ impl Run {
         let hypervisor = backend::choose(args.hypervisor)?;
         let kernel = args.vm.kernel()?;
 
+        let slots = match hypervisor {
+            Hypervisor::Qemu => backend::qemu::TRANSPORTS,
+            _ => crate::vmm::virtio::MAX_DEVICES as usize,
+        };
+        // vsock, and for an image the scratch disk and at least one layer.
+        let fixed = if args.rootfs { 1 } else { 3 };
+        if volumes.len() + fixed > slots {
+            return Err(format!(
+                "{} volumes are more than this backend can attach (at most {})",
+                volumes.len(),
+                slots - fixed
+            ));
+        }
+
         let run_dir = new_run_dir()?;
         let base = crate::initramfs::base()
             .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
@@ -228,12 +260,9 @@ impl Run {
             initrd.push(archive);
             (container::ImageDefaults::default(), None, None)
         } else {
-            // Device slots left for layers once vsock and the scratch disk have theirs.
-            let slots = match hypervisor {
-                Hypervisor::Qemu => backend::qemu::TRANSPORTS,
-                _ => crate::vmm::virtio::MAX_DEVICES as usize,
-            };
-            let max_layers = slots - 2;
+            // Device slots left for layers once vsock, the scratch disk and the volumes have
+            // theirs.
+            let max_layers = slots.saturating_sub(2 + volumes.len());
             image_root(&first, &run_dir.0, max_layers, &mut disks)?
         };
         let t_root = crate::timing::since_start();
@@ -249,7 +278,23 @@ impl Run {
             stdin: args.interactive,
             winsize: if tty { terminal_size() } else { None },
             root,
+            mounts: volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| MountSpec {
+                    tag: share_tag(i),
+                    target: v.target.clone(),
+                    read_only: v.read_only,
+                    file: v.kind == Kind::File,
+                })
+                .collect(),
         };
+        let shares = (0..volumes.len())
+            .map(|i| FsPlan {
+                tag: share_tag(i),
+                socket: run_dir.0.join(format!("fs{i}.sock")),
+            })
+            .collect();
         let cmdline = format!(
             "{BASE_CMDLINE} {} {}",
             proto::cmdline_args(proto::DEFAULT_PORT),
@@ -268,12 +313,13 @@ impl Run {
                 uds_path: run_dir.0.join("vsock.sock"),
             }),
             disks,
-            shares: Vec::new(),
+            shares,
         };
         Ok(Run {
             hypervisor,
             plan,
             spec,
+            volumes,
             run_dir,
             timings: args.timings.then_some(t_root),
             _lease: lease,
@@ -298,10 +344,32 @@ impl Run {
             Ok(l) => l,
             Err(e) => return fail(e),
         };
+        let sockets: Vec<_> = self
+            .plan
+            .shares
+            .iter()
+            .map(|s| s.socket.as_path())
+            .collect();
+        let shares = match volumes::Shares::start(&self.volumes, &sockets, &self.run_dir.0) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
         let t_plan = crate::timing::since_start();
         let (vm, watch) = match RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0) {
             Ok(started) => started,
             Err(e) => return fail(e),
+        };
+        // A volume server that dies ends the VM with its reason, never a hung file request.
+        let share_failure = Arc::new(Mutex::new(None::<String>));
+        let shares = {
+            let (failure, stopper) = (share_failure.clone(), vm.stopper());
+            shares.watch(move |why| {
+                failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(why);
+                stopper.stop();
+            })
         };
         let raw = self.spec.tty.then(RawTerminal::enable).flatten();
         let io = HostIo {
@@ -336,6 +404,14 @@ impl Run {
             vm.stop();
         }
         let end = vm.wait(Duration::from_secs(10));
+        shares.finish();
+        let share_failure = share_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(why) = share_failure {
+            return fail(why);
+        }
         if let Some(t_root) = self.timings {
             let ms = |d: Option<Duration>| {
                 d.map_or("-".to_string(), |d| {

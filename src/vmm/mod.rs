@@ -12,6 +12,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod pvm;
 pub mod regs;
 mod teardown;
 pub mod vcpu;
@@ -247,6 +248,7 @@ fn create_vcpus(
     let vendor = cpuid::Vendor::from_entries(supported.as_slice());
     let tsc_deadline = kvm_sys.check_extension(Cap::TscDeadlineTimer);
     let msrs = regs::boot_msrs();
+    let pvm = crate::host::is_pvm();
     let mut vcpus = Vec::with_capacity(count as usize);
     for index in 0..count {
         let fd = kvm(|| vm.create_vcpu(index as u64)).map_err(ioctl("KVM_CREATE_VCPU"))?;
@@ -257,6 +259,9 @@ fn create_vcpus(
             tsc_deadline,
         };
         cpuid::filter(&mut entries, vendor, topology);
+        if pvm {
+            pvm::hide(&mut entries);
+        }
         let cpuid = CpuId::from_entries(&entries).map_err(|_| {
             Error::Host(format!(
                 "{} CPUID entries are more than KVM takes",
@@ -264,6 +269,9 @@ fn create_vcpus(
             ))
         })?;
         kvm(|| fd.set_cpuid2(&cpuid)).map_err(ioctl("KVM_SET_CPUID2"))?;
+        if pvm && index == 0 {
+            report_pvm_cpuid(&fd);
+        }
         let written = kvm(|| fd.set_msrs(&msrs)).map_err(ioctl("KVM_SET_MSRS"))?;
         if written != msrs.as_slice().len() {
             let index = msrs.as_slice()[written].index;
@@ -283,6 +291,23 @@ fn create_vcpus(
         vcpus.push(Vcpu::new(fd, index, wiring.clone()));
     }
     Ok(vcpus)
+}
+
+/// Says which hidden features a PVM host shows the guest anyway (the guest kernel's
+/// `microvm.pvm` option covers them).
+fn report_pvm_cpuid(fd: &kvm_ioctls::VcpuFd) {
+    match kvm(|| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)) {
+        Ok(back) => {
+            let shown = pvm::still_shown(back.as_slice());
+            if !shown.is_empty() {
+                tracing::debug!(
+                    "PVM host: KVM shows the guest {} although we hid them",
+                    shown.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::debug!("PVM host: cannot read the guest CPUID back: {e}"),
+    }
 }
 
 impl Vm {

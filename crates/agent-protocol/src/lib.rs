@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; both sides must agree exactly.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Kernel command-line key carrying the protocol version the host speaks.
 pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
 /// Kernel command-line key carrying the host vsock port the agent connects to.
@@ -89,6 +89,25 @@ pub struct RunSpec {
     pub winsize: Option<(u16, u16)>,
     /// The container's root, assembled from disks; `None` runs in the initramfs root.
     pub root: Option<RootSpec>,
+    /// Volumes to mount in the container's root before the process starts, in order.
+    pub mounts: Vec<MountSpec>,
+}
+
+/// Name of the one file a single-file share holds: the host stages the file under this name in
+/// a directory of its own, so nothing else of the host directory is shared.
+pub const SHARED_FILE_NAME: &str = "file";
+
+/// A volume: a host directory, or a single host file, shared over virtio-fs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// The virtio-fs tag of the share.
+    pub tag: String,
+    /// Absolute path inside the container (no `.` or `..` components).
+    pub target: String,
+    /// Mount read-only (the host's file server refuses writes as well).
+    pub read_only: bool,
+    /// The share holds just [`SHARED_FILE_NAME`], to be bound at `target`.
+    pub file: bool,
 }
 
 /// A container root the agent assembles before running the process: read-only layer disks
@@ -303,6 +322,12 @@ mod tests {
         let spec = RunSpec {
             argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
             tty: true,
+            mounts: vec![MountSpec {
+                tag: "v0".into(),
+                target: "/etc/app.conf".into(),
+                read_only: true,
+                file: true,
+            }],
             ..Default::default()
         };
         let mut wire = Vec::new();

@@ -10,9 +10,11 @@ mod process;
 mod root;
 mod system;
 mod users;
+mod volumes;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use microvm_agent_protocol as proto;
@@ -64,8 +66,13 @@ fn run() -> Result<(), String> {
     } else {
         &spec.hostname
     });
-    if let Some(root) = &spec.root {
-        root::assemble(root)?;
+    let root = match &spec.root {
+        Some(root) => root::assemble(root)?,
+        None => PathBuf::from("/"),
+    };
+    volumes::mount_all(&root, &spec.mounts)?;
+    if spec.root.is_some() {
+        root::enter(&root)?;
     }
 
     let streams = process::Streams {

@@ -30,9 +30,9 @@ fn mkdir(p: &Path) -> Result<(), String> {
     std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
 }
 
-/// Mounts the layers and the scratch disk, stacks them at a new root, mounts the kernel
-/// filesystems inside it and chroots there.
-pub fn assemble(spec: &RootSpec) -> Result<(), String> {
+/// Mounts the layers and the scratch disk, stacks them at a new root and mounts the kernel
+/// filesystems inside it; returns the root, which [`enter`] switches to.
+pub fn assemble(spec: &RootSpec) -> Result<PathBuf, String> {
     if spec.layers.is_empty() {
         return Err("the image has no layers".into());
     }
@@ -101,7 +101,11 @@ pub fn assemble(spec: &RootSpec) -> Result<(), String> {
     .map_err(|e| format!("mount overlay root: {e}"))?;
 
     crate::system::mount_kernel_filesystems(&root)?;
-    nix::unistd::chroot(&root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    Ok(())
+    Ok(root)
+}
+
+/// Makes `root` the process's root directory (and working directory).
+pub fn enter(root: &Path) -> Result<(), String> {
+    nix::unistd::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
 }

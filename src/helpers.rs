@@ -1,0 +1,44 @@
+//! Helper programs microvm starts (QEMU, vhost-user backends such as virtiofsd and
+//! vhost-device-vsock): finding them and tying their lives to ours.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A helper program that is not installed.
+#[derive(Debug, thiserror::Error)]
+#[error("{program} not found in PATH or ~/.cargo/bin: {hint}")]
+pub struct Missing {
+    /// The program.
+    pub program: &'static str,
+    /// How to install it.
+    pub hint: &'static str,
+}
+
+/// Finds `program` in PATH or in cargo's bin directory (where `cargo install` puts helpers).
+pub fn find(program: &'static str, hint: &'static str) -> Result<PathBuf, Missing> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|p| p.join("bin"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(cargo_bin)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or(Missing { program, hint })
+}
+
+/// Makes a child die with us (PR_SET_PDEATHSIG fires when the spawning thread exits, so spawn
+/// from the thread that lives as long as the process).
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

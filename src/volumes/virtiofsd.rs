@@ -1,0 +1,218 @@
+//! One `virtiofsd` per volume: started on a listening socket we made (so the VMM or QEMU can
+//! connect at once, with no wait for the socket to appear), sandboxed in its own namespaces,
+//! killed with us, and reaped when the VM is done.
+//!
+//! A single-file volume shares a private staging directory holding a bind mount of just that
+//! file, never the file's parent directory. The staging mounts live in a mount namespace of
+//! virtiofsd's own: nothing is mounted on the host, and nothing is left if microvm is killed.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use super::{Error, Kind, Volume};
+use crate::helpers::{die_with_parent, find};
+use microvm_agent_protocol::SHARED_FILE_NAME;
+
+/// How to install virtiofsd.
+pub const VIRTIOFSD_HINT: &str =
+    "install it with `cargo install virtiofsd` (it needs Debian's libseccomp-dev and libcap-ng-dev)";
+
+/// virtiofsd's cache policy. `auto` caches attributes and file data for a second and drops the
+/// page cache of a file whenever it is opened again, so a host change is seen by the next open;
+/// `always` would keep stale data, `never` makes every read a round trip (see bench/volumes.rs).
+/// `MICROVM_VIRTIOFS_CACHE` overrides it (for benchmarks).
+fn cache_policy() -> String {
+    std::env::var("MICROVM_VIRTIOFS_CACHE").unwrap_or_else(|_| "auto".into())
+}
+
+/// The fd number the listening socket gets in virtiofsd (`--fd`).
+const LISTEN_FD: i32 = 3;
+
+/// A running virtiofsd, killed and reaped when dropped.
+pub struct Virtiofsd {
+    child: Option<Child>,
+    target: String,
+    log: PathBuf,
+}
+
+impl Virtiofsd {
+    /// Starts virtiofsd for `vol`, listening on `socket`; `dir` is a private directory for its
+    /// staging directory and log. Call on the thread that outlives the VM (see
+    /// [`die_with_parent`]).
+    pub fn start(vol: &Volume, socket: &Path, dir: &Path) -> Result<Virtiofsd, Error> {
+        let err = |why: String| Error::Start {
+            target: vol.target.clone(),
+            why,
+        };
+        let bin = find("virtiofsd", VIRTIOFSD_HINT).map_err(|e| err(e.to_string()))?;
+        let listener = UnixListener::bind(socket)
+            .map_err(|e| err(format!("cannot listen on {}: {e}", socket.display())))?;
+        let log = dir.join("virtiofsd.log");
+        let log_file =
+            File::create(&log).map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
+
+        let shared = match vol.kind {
+            Kind::Dir => vol.source.clone(),
+            Kind::File => {
+                if !nix::unistd::geteuid().is_root() {
+                    return Err(err(
+                        "a single-file volume needs root (it is staged with a bind mount)".into(),
+                    ));
+                }
+                let staging = dir.join("staging");
+                std::fs::create_dir(&staging)
+                    .map_err(|e| err(format!("mkdir {}: {e}", staging.display())))?;
+                staging
+            }
+        };
+        let mut cmd = Command::new(bin);
+        cmd.arg("--shared-dir")
+            .arg(&shared)
+            .arg(format!("--fd={LISTEN_FD}"))
+            .args(["--sandbox", "namespace", "--cache"])
+            .arg(cache_policy())
+            .args(["--log-level", "warn", "--rlimit-nofile", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if vol.read_only {
+            cmd.arg("--readonly");
+        }
+        let listen: OwnedFd = listener.into();
+        pass_fd(&mut cmd, listen.as_raw_fd());
+        if vol.kind == Kind::File {
+            stage_file(&mut cmd, &shared, &vol.source).map_err(err)?;
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| err(format!("cannot run virtiofsd: {e}")))?;
+        // Our copy of the listening socket goes now: if virtiofsd dies, connecting fails rather
+        // than waiting in a backlog nobody serves.
+        drop(listen);
+        Ok(Virtiofsd {
+            child: Some(child),
+            target: vol.target.clone(),
+            log,
+        })
+    }
+
+    /// The volume's container path.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.child.as_mut() {
+            Some(c) => c.wait(),
+            None => Err(std::io::Error::other("already reaped")),
+        }
+    }
+
+    /// The last line virtiofsd logged, if any (why it failed).
+    pub fn last_log_line(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        text.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Hands `fd` to the child as [`LISTEN_FD`], without the close-on-exec flag.
+fn pass_fd(cmd: &mut Command, fd: i32) {
+    // SAFETY: dup2 and fcntl are async-signal-safe; `fd` stays open in the parent until after
+    // spawn returns, so it is valid in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == LISTEN_FD {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, LISTEN_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn cstring(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} contains NUL", p.display()))
+}
+
+/// In the child, before exec: a private mount namespace with a tmpfs over `staging` holding
+/// [`SHARED_FILE_NAME`], a bind mount of `source`. A rename over the file from the guest then
+/// fails with EBUSY, as with docker.
+fn stage_file(cmd: &mut Command, staging: &Path, source: &Path) -> Result<(), String> {
+    let staging_c = cstring(staging)?;
+    let file_c = cstring(&staging.join(SHARED_FILE_NAME))?;
+    let source_c = cstring(source)?;
+    let root = c"/";
+    let tmpfs = c"tmpfs";
+    let mode = c"mode=0755";
+    // SAFETY: only async-signal-safe syscalls (unshare, mount, open, close) on C strings built
+    // before the fork; no allocation or lock in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: i32| {
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                tmpfs.as_ptr(),
+                staging_c.as_ptr(),
+                tmpfs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                mode.as_ptr().cast(),
+            ))?;
+            let fd = libc::open(
+                file_c.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o600,
+            );
+            check(fd)?;
+            libc::close(fd);
+            check(libc::mount(
+                source_c.as_ptr(),
+                file_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))
+        });
+    }
+    Ok(())
+}
