@@ -92,13 +92,14 @@ impl Fs {
     /// Reports a backend failure the VM cannot survive (the guest's file system is gone), once.
     pub(super) fn backend_failed(&mut self, why: &str) -> String {
         let msg = format!(
-            "virtio-fs share {:?}: {why} (backend socket {})",
+            "virtio-fs share {:?} (backend {}): {why}",
             self.tag,
             self.socket.display()
         );
         if !self.failed {
             self.failed = true;
-            tracing::error!("{msg}");
+            // The VMM reports it as the VM's error; logging it too would say it twice.
+            tracing::debug!("{msg}");
             (self.on_failure)(msg.clone());
         }
         msg
@@ -138,7 +139,7 @@ impl VirtioDevice for Fs {
         let vrings = rings::vrings(&a.mem, &a.queues)?;
         if self.failed {
             return Err(ActivateError::Backend(
-                self.backend_failed("the backend failed earlier"),
+                self.backend_failed("the backend failed earlier in this VM"),
             ));
         }
         let acked = a.acked_features & (self.features | VIRTIO_F_VERSION_1);

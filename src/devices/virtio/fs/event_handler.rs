@@ -39,7 +39,7 @@ impl MutEventSubscriber for Fs {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             SOCKET => {
-                self.backend_failed("the backend hung up (did virtiofsd exit?)");
+                self.backend_failed("the vhost-user connection hung up (did virtiofsd exit?)");
                 // Level-triggered: unwatch it, or the loop would spin on it until the VM ends.
                 if let Err(e) = ops.remove(Events::empty_raw(events.fd())) {
                     tracing::debug!("virtio-fs: unwatching the backend socket: {e:?}");

@@ -58,7 +58,10 @@ struct Virtiofsd {
 impl Virtiofsd {
     fn start(test: &str) -> Option<Self> {
         let Some(bin) = virtiofsd_binary() else {
-            eprintln!("SKIP: {test}: virtiofsd is not installed (cargo install virtiofsd)");
+            // Straight to fd 2: libtest swallows eprintln! of passing tests, and a skip must show.
+            let line =
+                format!("SKIP: {test}: virtiofsd is not installed (cargo install virtiofsd)\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             return None;
         };
         let dir = TempDir::new(&format!("fs-{test}"));
@@ -262,7 +265,7 @@ impl<'m> Guest<'m> {
 
 #[test]
 fn fuse_init_and_lookup_through_virtiofsd() {
-    let Some(backend) = Virtiofsd::start("roundtrip") else {
+    let Some(backend) = Virtiofsd::start("fuse_init_and_lookup_through_virtiofsd") else {
         return;
     };
     let mem = shared_guest_memory(0x100_0000);
@@ -290,7 +293,7 @@ fn fuse_init_and_lookup_through_virtiofsd() {
 
 #[test]
 fn bad_queues_fail_that_activation_only() {
-    let Some(backend) = Virtiofsd::start("badqueues") else {
+    let Some(backend) = Virtiofsd::start("bad_queues_fail_that_activation_only") else {
         return;
     };
     let mem = shared_guest_memory(0x100_0000);
@@ -311,7 +314,8 @@ fn bad_queues_fail_that_activation_only() {
 
 #[test]
 fn reset_stops_the_backend_and_a_new_driver_starts_again() {
-    let Some(backend) = Virtiofsd::start("reset") else {
+    let Some(backend) = Virtiofsd::start("reset_stops_the_backend_and_a_new_driver_starts_again")
+    else {
         return;
     };
     let mem = shared_guest_memory(0x100_0000);
@@ -328,7 +332,8 @@ fn reset_stops_the_backend_and_a_new_driver_starts_again() {
 
 #[test]
 fn a_backend_hang_up_ends_the_vm_naming_the_share() {
-    let Some(mut backend) = Virtiofsd::start("hangup") else {
+    let Some(mut backend) = Virtiofsd::start("a_backend_hang_up_ends_the_vm_naming_the_share")
+    else {
         return;
     };
     let mem = shared_guest_memory(0x100_0000);
