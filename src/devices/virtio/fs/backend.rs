@@ -167,7 +167,7 @@ impl Backend {
         driver_features: u64,
     ) -> Result<(), BackendError> {
         // The driver's features, plus the vhost-user bit that keeps rings disabled until enabled.
-        let features = driver_features & self.features | self.features & PROTOCOL_FEATURES;
+        let features = (driver_features & self.features) | (self.features & PROTOCOL_FEATURES);
         let f = &mut self.frontend;
         f.set_features(features).map_err(request("SET_FEATURES"))?;
         f.set_mem_table(&memory_table(mem)?)
