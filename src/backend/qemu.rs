@@ -1,7 +1,8 @@
 //! The `qemu` backend: the same VM plan run by QEMU's microvm machine under TCG (software
 //! emulation), for hosts whose KVM cannot boot our guest. vsock goes through QEMU's
 //! vhost-user-vsock device and `vhost-device-vsock`, which uses the same hybrid Unix-socket
-//! convention as our own device; guest RAM is a shared memfd as vhost-user requires.
+//! convention as our own device; virtio-fs shares go through QEMU's vhost-user-fs device to the
+//! plan's virtiofsd sockets; guest RAM is a shared memfd as vhost-user requires.
 //!
 //! QEMU does not treat TCG as a security boundary: callers must say so to the user.
 
@@ -66,6 +67,29 @@ fn own_namespaces(cmd: &mut Command) {
     }
 }
 
+/// A value inside a QEMU `-device`/`-chardev` option list, where a comma is written twice.
+fn opt_value(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// A vhost-user socket chardev and a vhost-user-fs device per share, in plan order.
+fn share_args(plan: &VmPlan) -> Vec<String> {
+    let mut args = Vec::new();
+    for (i, share) in plan.shares.iter().enumerate() {
+        args.push("-chardev".to_string());
+        args.push(format!(
+            "socket,id=fs{i},path={}",
+            opt_value(&share.socket.to_string_lossy())
+        ));
+        args.push("-device".to_string());
+        args.push(format!(
+            "vhost-user-fs-device,chardev=fs{i},tag={}",
+            opt_value(&share.tag)
+        ));
+    }
+    args
+}
+
 impl Qemu {
     /// Starts vhost-device-vsock (if the plan has vsock) and QEMU; `run_dir` holds their sockets
     /// and the concatenated initrd. Must be called on the thread that outlives the VM.
@@ -124,7 +148,7 @@ impl Qemu {
                 Some(joined)
             }
         };
-        let devices = plan.disks.len() + usize::from(plan.vsock.is_some());
+        let devices = plan.disks.len() + usize::from(plan.vsock.is_some()) + plan.shares.len();
         if devices > TRANSPORTS {
             return Err(Error::TooManyDevices(devices));
         }
@@ -167,6 +191,7 @@ impl Qemu {
         .args(["-append", &plan.cmdline])
         .args(&vsock_args)
         .args(&disk_args)
+        .args(share_args(plan))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
         if let Some(initrd) = &initrd {
@@ -232,5 +257,49 @@ impl Qemu {
     /// The QEMU process id, to stop it from another thread.
     pub fn pid(&self) -> u32 {
         self.qemu.id()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::FsPlan;
+
+    #[test]
+    fn each_share_gets_a_chardev_and_a_vhost_user_fs_device() {
+        let plan = VmPlan {
+            kernel: PathBuf::from("vmlinux"),
+            initrd: Vec::new(),
+            cmdline: String::new(),
+            cpus: 1,
+            memory_mib: 64,
+            timeout: None,
+            console: Console::Stderr,
+            vsock: None,
+            disks: Vec::new(),
+            shares: vec![
+                FsPlan {
+                    tag: "data".into(),
+                    socket: PathBuf::from("/run/a.sock"),
+                },
+                FsPlan {
+                    tag: "a,b".into(),
+                    socket: PathBuf::from("/run/b,c.sock"),
+                },
+            ],
+        };
+        assert_eq!(
+            share_args(&plan),
+            [
+                "-chardev",
+                "socket,id=fs0,path=/run/a.sock",
+                "-device",
+                "vhost-user-fs-device,chardev=fs0,tag=data",
+                "-chardev",
+                "socket,id=fs1,path=/run/b,,c.sock",
+                "-device",
+                "vhost-user-fs-device,chardev=fs1,tag=a,,b",
+            ]
+        );
     }
 }

@@ -20,6 +20,8 @@ pub enum StopReason {
     },
     /// Any other fatal vCPU condition, already worded for the user.
     VcpuFailed(String),
+    /// A device cannot go on (say, its vhost-user backend exited), already worded for the user.
+    DeviceFailed(String),
     /// microvm received this signal and stops the VM.
     HostSignal(i32),
 }

@@ -1,9 +1,14 @@
 //! Guest RAM: one region below the MMIO gap and, for large guests, one above 4 GiB.
 //!
 //! Memory is mapped `MAP_NORESERVE` and never touched up front: the host commits a page only
-//! when the guest (or a device) first touches it.
+//! when the guest (or a device) first touches it. It is private anonymous memory unless a
+//! vhost-user backend must map it too ([`create_shared`]).
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::fs::File;
+use std::sync::Arc;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{EBDA_END, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, MPTABLE_START};
 
@@ -49,13 +54,51 @@ pub enum Error {
     /// madvise failed.
     #[error("cannot advise guest memory: {0}")]
     Advise(std::io::Error),
+    /// The memfd behind shared guest RAM.
+    #[error("cannot create {size} bytes of shared guest memory (memfd): {source}")]
+    Memfd {
+        /// Bytes asked for.
+        size: u64,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Maps guest RAM of `size` bytes (no page is touched). The mapping is not inherited by forked
 /// children: the teardown keeper needs none of it, and copying its page tables would be slow.
 pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let memory = GuestMemoryMmap::from_ranges(&ram_ranges(size))?;
+    advise(&memory)?;
+    Ok(memory)
+}
+
+/// Maps guest RAM of `size` bytes as one memfd shared with whoever else maps it: each region is
+/// that file at its own offset (what vhost-user's SET_MEM_TABLE hands a backend). Costs a little
+/// start-up time over [`create`], so it is only for VMs with vhost-user devices. The memfd is
+/// close-on-exec, and the mapping, as in [`create`], is not inherited by forked children.
+pub fn create_shared(size: u64) -> Result<GuestMemoryMmap, Error> {
+    let memfd_err = |source| Error::Memfd { size, source };
+    let fd = memfd_create(c"microvm-guest-ram", MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| memfd_err(e.into()))?;
+    let file = Arc::new(File::from(fd));
+    // Sparse: no page exists until it is touched.
+    file.set_len(size).map_err(memfd_err)?;
+    let ranges: Vec<_> = ram_ranges(size)
+        .into_iter()
+        .scan(0u64, |offset, (addr, len)| {
+            let at = FileOffset::from_arc(file.clone(), *offset);
+            *offset += len as u64;
+            Some((addr, len, Some(at)))
+        })
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges_with_files(&ranges)?;
+    advise(&memory)?;
+    Ok(memory)
+}
+
+/// Advice common to both kinds of guest RAM: not inherited over fork, huge pages above 2 MiB.
+fn advise(memory: &GuestMemoryMmap) -> Result<(), Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for region in memory.iter() {
         // SAFETY: advises on exactly the live mapping `region` owns; MADV_DONTFORK changes no
         // contents and no permissions in this process.
@@ -73,6 +116,7 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
         // takes a handful of faults instead of thousands (about 5 ms less to VM start), and KVM
         // can map the guest with 2 MiB pages. The first 2 MiB, where boot structures and small
         // guests live, stays on 4 KiB pages so a tiny guest does not pay for zeroing 2 MiB.
+        // (For a memfd this only takes effect where the host's shmem_enabled allows "advise".)
         let skip = if region.start_addr().0 == 0 {
             HUGE_PAGE.min(region.len())
         } else {
@@ -88,7 +132,7 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
             )
         };
     }
-    Ok(memory)
+    Ok(())
 }
 
 /// The memory map the guest sees (E820 for Linux, the PVH memmap for PVH).
@@ -168,10 +212,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn memory_is_not_touched_up_front() {
+    fn assert_untouched(mem: &GuestMemoryMmap) {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let mem = create(64 * MIB).unwrap();
         let region = mem.iter().next().unwrap();
         let pages = (region.len() / 4096) as usize;
         let mut resident = vec![0u8; pages];
@@ -189,5 +231,54 @@ mod tests {
             0,
             "no page may be resident"
         );
+    }
+
+    #[test]
+    fn memory_is_not_touched_up_front() {
+        assert_untouched(&create(64 * MIB).unwrap());
+        assert_untouched(&create_shared(64 * MIB).unwrap());
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_at_consecutive_offsets() {
+        use std::os::fd::AsRawFd;
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+        // Large enough to have a region above the MMIO gap; nothing is touched but two bytes.
+        let size = MMIO_GAP_START + 64 * MIB;
+        let mem = create_shared(size).unwrap();
+        let regions: Vec<_> = mem.iter().collect();
+        assert_eq!(regions.len(), 2);
+        let (low, high) = (regions[0], regions[1]);
+        let (lo, hi) = (low.file_offset().unwrap(), high.file_offset().unwrap());
+        assert_eq!(lo.file().as_raw_fd(), hi.file().as_raw_fd(), "one memfd");
+        assert_eq!((lo.start(), hi.start()), (0, low.len()));
+        assert_eq!(lo.file().metadata().unwrap().len(), size);
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(lo.file().as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        // A write through the mapping lands in the file at the region's offset.
+        mem.write_obj(0xabu8, GuestAddress(MMIO_GAP_END)).unwrap();
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(hi.file(), &mut byte, hi.start()).unwrap();
+        assert_eq!(byte, [0xab]);
+        for region in regions {
+            // "dc": not copied on fork (MADV_DONTFORK); "sh": MAP_SHARED.
+            let flags = vm_flags(region.as_ptr());
+            for flag in ["dc", "sh"] {
+                assert!(flags.iter().any(|f| f == flag), "{flag} missing: {flags:?}");
+            }
+        }
+    }
+
+    /// The kernel's VmFlags for the mapping starting at `ptr` (/proc/self/smaps).
+    fn vm_flags(ptr: *const u8) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", ptr as usize);
+        let mapping = smaps
+            .split_inclusive('\n')
+            .skip_while(|l| !l.starts_with(&start))
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap();
+        mapping.split_whitespace().map(str::to_owned).collect()
     }
 }

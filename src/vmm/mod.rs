@@ -118,6 +118,9 @@ pub enum Error {
     /// A vCPU failed.
     #[error("the guest failed: {0}")]
     Guest(String),
+    /// A device failed while the VM ran.
+    #[error("{0}")]
+    Device(String),
 }
 
 fn host_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -348,7 +351,12 @@ impl Vm {
         // Guest RAM goes in before the irqchip: on PVM the first memory slot costs ~7 ms when an
         // irqchip already exists and ~0.2 ms when it does not (measured; see bench/).
         let mem_size = plan.memory_mib << 20;
-        let memory = memory::create(mem_size)?;
+        // vhost-user backends (virtiofsd) map guest RAM themselves, so it must be a shared file.
+        let memory = if plan.shares.is_empty() {
+            memory::create(mem_size)?
+        } else {
+            memory::create_shared(mem_size)?
+        };
         kvm(|| register_memory(&vm, &memory))?;
         kvm(|| vm.set_tss_address(KVM_TSS_ADDR)).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         kvm(|| vm.create_irq_chip()).map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -359,10 +367,10 @@ impl Vm {
         kvm(|| vm.create_pit2(pit)).map_err(ioctl("KVM_CREATE_PIT2"))?;
 
         // Virtio devices first: the guest learns of them from its command line.
-        let virtio = virtio::VirtioDevices::create(&vm, &memory, plan)?;
+        let stop = Arc::new(StopSignal::new().map_err(host_err("stop eventfd"))?);
+        let virtio = virtio::VirtioDevices::create(&vm, &memory, plan, &stop)?;
         let cmdline = virtio.kernel_cmdline(&plan.cmdline)?;
         let kernel = load_guest(&memory, plan, &cmdline, &mut kernel_file, initrd)?;
-        let stop = Arc::new(StopSignal::new().map_err(host_err("stop eventfd"))?);
         let pio = legacy_devices(&vm, console, &stop)?;
         let wiring = vcpu::Wiring {
             pio,
@@ -454,6 +462,7 @@ impl Vm {
                         Err(Error::TripleFault { cpu, rip })
                     }
                     Some(StopReason::VcpuFailed(msg)) => Err(Error::Guest(msg)),
+                    Some(StopReason::DeviceFailed(msg)) => Err(Error::Device(msg)),
                     Some(StopReason::HostSignal(sig)) => Ok(VmEnd::Signal(sig)),
                     Some(StopReason::GuestStopped) | None => Ok(VmEnd::GuestStopped),
                 };

@@ -11,12 +11,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device_loop::Subscriber;
+use super::exit::{StopReason, StopSignal};
 use super::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
 use super::mptable::IOAPIC_PINS;
 use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{block, vsock, Interrupt, VirtioDevice};
+use crate::devices::virtio::{block, fs, vsock, Interrupt, VirtioDevice};
 use crate::devices::{bus, Bus};
-use crate::plan::{VmPlan, MAX_SERIAL};
+use crate::plan::{VmPlan, MAX_FS_TAG, MAX_SERIAL};
 use crate::timing::kvm;
 
 /// First GSI for virtio devices: 0-4 belong to the PIT, keyboard, cascade and COM ports.
@@ -27,6 +28,10 @@ pub const MAX_DEVICES: u32 = IOAPIC_PINS as u32 - FIRST_GSI;
 const _: () = assert!(
     MAX_SERIAL == block::SERIAL_BYTES,
     "plan::MAX_SERIAL must match the virtio-blk id field"
+);
+const _: () = assert!(
+    MAX_FS_TAG == fs::TAG_BYTES,
+    "plan::MAX_FS_TAG must match the virtio-fs tag field"
 );
 
 /// Errors placing virtio devices.
@@ -43,13 +48,24 @@ pub enum Error {
         /// Why.
         source: block::Error,
     },
+    /// A virtio-fs share could not be attached.
+    #[error("virtio-fs share {tag:?}: {source}")]
+    Fs {
+        /// The share's tag.
+        tag: String,
+        /// Why.
+        source: fs::Error,
+    },
+    /// Two shares have the same tag, so the guest could mount only one of them.
+    #[error("two virtio-fs shares have the tag {0:?}; give each share its own tag")]
+    DuplicateTag(String),
     /// The transport rejected the device.
     #[error("virtio-mmio: {0}")]
     Transport(#[from] mmio::Error),
     /// More devices than IOAPIC pins.
     #[error(
-        "the VM asks for {wanted} virtio devices (the vsock device and disks), but only \
-         {MAX_DEVICES} fit its interrupt controller: attach fewer disks"
+        "the VM asks for {wanted} virtio devices (the vsock device, disks and shares), but only \
+         {MAX_DEVICES} fit its interrupt controller: attach fewer disks or shares"
     )]
     TooManyDevices {
         /// Devices asked for.
@@ -143,12 +159,22 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// Creates the devices `plan` asks for: the vsock device, then the disks in plan order.
-    /// Host sockets and disk images are opened here, before the guest runs.
-    pub fn create(vm: &VmFd, mem: &GuestMemoryMmap, plan: &VmPlan) -> Result<Self, Error> {
-        let wanted = usize::from(plan.vsock.is_some()) + plan.disks.len();
+    /// Creates the devices `plan` asks for: the vsock device, then the disks, then the shares,
+    /// each in plan order. Host sockets and disk images are opened, and share backends
+    /// connected, here, before the guest runs. A share whose backend fails later stops the VM
+    /// through `stop`.
+    pub fn create(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        plan: &VmPlan,
+        stop: &Arc<StopSignal>,
+    ) -> Result<Self, Error> {
+        let wanted = usize::from(plan.vsock.is_some()) + plan.disks.len() + plan.shares.len();
         if wanted > MAX_DEVICES as usize {
             return Err(Error::TooManyDevices { wanted });
+        }
+        if let Some(tag) = duplicate_tag(plan) {
+            return Err(Error::DuplicateTag(tag.to_owned()));
         }
         let mut devices = VirtioDevices::default();
         if let Some(v) = &plan.vsock {
@@ -165,6 +191,18 @@ impl VirtioDevices {
             let block = Arc::new(Mutex::new(block));
             devices.attach(vm, mem, block.clone())?;
             devices.subscribers.push(block);
+        }
+        for share in &plan.shares {
+            let stop = stop.clone();
+            let on_failure = Box::new(move |msg| stop.request(StopReason::DeviceFailed(msg)));
+            let fs =
+                fs::Fs::new(&share.tag, &share.socket, on_failure).map_err(|source| Error::Fs {
+                    tag: share.tag.clone(),
+                    source,
+                })?;
+            let fs = Arc::new(Mutex::new(fs));
+            devices.attach(vm, mem, fs.clone())?;
+            devices.subscribers.push(fs);
         }
         Ok(devices)
     }
@@ -204,6 +242,15 @@ impl VirtioDevices {
     }
 }
 
+/// A tag used by more than one share, if any.
+fn duplicate_tag(plan: &VmPlan) -> Option<&str> {
+    let mut seen = std::collections::HashSet::new();
+    plan.shares
+        .iter()
+        .map(|s| s.tag.as_str())
+        .find(|tag| !seen.insert(*tag))
+}
+
 fn append_params(user: &str, params: &[String]) -> Result<String, Error> {
     let mut line = user.to_owned();
     for p in params {
@@ -239,6 +286,32 @@ mod tests {
         let err = s.allocate().unwrap_err();
         assert!(matches!(err, Error::TooManyDevices { wanted: 20 }));
         assert!(err.to_string().contains("only 19 fit"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_share_tags_are_found() {
+        use crate::plan::{Console, FsPlan};
+        let share = |tag: &str| FsPlan {
+            tag: tag.into(),
+            socket: format!("/run/{tag}.sock").into(),
+        };
+        let mut plan = VmPlan {
+            kernel: "vmlinux".into(),
+            initrd: Vec::new(),
+            cmdline: String::new(),
+            cpus: 1,
+            memory_mib: 64,
+            timeout: None,
+            console: Console::Stderr,
+            vsock: None,
+            disks: Vec::new(),
+            shares: vec![share("a"), share("b")],
+        };
+        assert_eq!(duplicate_tag(&plan), None);
+        plan.shares.push(share("a"));
+        assert_eq!(duplicate_tag(&plan), Some("a"));
+        let err = Error::DuplicateTag("a".into());
+        assert!(err.to_string().contains("own tag"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Virtio devices: the contract between a transport and a device ([`VirtioDevice`]), the
 //! interrupt a device raises ([`Interrupt`]), the virtio-mmio transport ([`mmio`]) and the devices
-//! themselves ([`vsock`], [`block`]).
+//! themselves ([`vsock`], [`block`], [`fs`]).
 //!
 //! Register accesses run on vCPU threads inside the transport; queue processing and host I/O run
 //! on the device loop, which each device joins as an event-manager subscriber.
 
 pub mod block;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
@@ -45,6 +46,8 @@ pub mod status {
 pub mod device_type {
     /// virtio-vsock.
     pub const VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+    /// virtio-fs.
+    pub const FS: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 }
 
 /// Why a device refused to start when the driver set DRIVER_OK.
@@ -61,12 +64,19 @@ pub enum ActivateError {
     /// The driver did not enable a queue the device needs.
     #[error("the driver did not set up queue {0}")]
     QueueNotReady(usize),
+    /// A queue's rings do not each lie inside one region of guest RAM.
+    #[error("queue {0}'s rings do not lie inside guest RAM")]
+    RingOutsideMemory(usize),
     /// The driver did not accept VIRTIO_F_VERSION_1; we only speak modern virtio.
     #[error("the driver did not accept VIRTIO_F_VERSION_1 (legacy virtio is not supported)")]
     LegacyDriver,
     /// Waking the device loop failed.
     #[error("cannot wake the device loop: {0}")]
     Wake(std::io::Error),
+    /// The process serving the device (a vhost-user backend) failed; already worded for the
+    /// user.
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// What a device gets when the driver sets DRIVER_OK.

@@ -1,5 +1,7 @@
-//! Test helpers: in-process guest memory and a driver-side view of a split virtqueue, so tests can
-//! play a (possibly hostile) guest driver.
+//! Test helpers: in-process guest memory, a driver-side view of a split virtqueue, so tests can
+//! play a (possibly hostile) guest driver, and scratch directories.
+
+use std::path::PathBuf;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -9,6 +11,30 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// Guest RAM of `size` bytes at address 0.
 pub fn guest_memory(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+}
+
+/// Guest RAM of `size` bytes at address 0 in a shared memfd, as vhost-user backends need it.
+pub fn shared_guest_memory(size: usize) -> GuestMemoryMmap {
+    crate::vmm::memory::create_shared(size as u64).unwrap()
+}
+
+/// A fresh scratch directory, removed with everything in it when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Makes an empty directory named after `name` and this process.
+    pub fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("microvm-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// One buffer of a chain: where, how long, and whether the device writes it.
@@ -124,6 +150,13 @@ impl<'a> DriverQueue<'a> {
         self.mem
             .write_obj(idx, GuestAddress(self.avail + 2))
             .unwrap();
+    }
+
+    /// Asks for an interrupt once the used ring's index passes `idx` (used_event, honoured by
+    /// devices that negotiated VIRTIO_RING_F_EVENT_IDX).
+    pub fn set_used_event(&self, idx: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        self.mem.write_obj(idx, GuestAddress(at)).unwrap();
     }
 
     /// The used ring's index.

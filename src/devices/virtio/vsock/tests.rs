@@ -15,29 +15,12 @@ use super::muxer::MAX_REPLIES;
 use super::packet::{Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::unix::port_path;
 use super::Vsock;
-use crate::devices::virtio::test_utils::{guest_memory, Buf, DriverQueue};
+use crate::devices::virtio::test_utils::{guest_memory, Buf, DriverQueue, TempDir};
 use crate::devices::virtio::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const CID: u64 = 3;
 const QSIZE: u16 = 256;
 const BUFS: u64 = 0x10_0000;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("microvm-vsock-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A guest driver with its rings, its buffers and the device under test.
 struct Guest<'m> {
@@ -184,7 +167,7 @@ fn connected(g: &mut Guest, listener: &UnixListener) -> UnixStream {
 
 #[test]
 fn guest_connects_and_data_flows_both_ways() {
-    let dir = TempDir::new("flow");
+    let dir = TempDir::new("vsock-flow");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -227,7 +210,7 @@ impl WithLen for Header {
 
 #[test]
 fn host_data_is_split_to_fit_guest_buffers_and_credit() {
-    let dir = TempDir::new("split");
+    let dir = TempDir::new("vsock-split");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -266,7 +249,7 @@ fn host_data_is_split_to_fit_guest_buffers_and_credit() {
 
 #[test]
 fn guest_with_zero_credit_gets_no_data() {
-    let dir = TempDir::new("zero");
+    let dir = TempDir::new("vsock-zero");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -285,7 +268,7 @@ fn guest_with_zero_credit_gets_no_data() {
 
 #[test]
 fn refused_and_stray_packets_get_rst() {
-    let dir = TempDir::new("stray");
+    let dir = TempDir::new("vsock-stray");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     g.give_rx(16, 4096);
@@ -327,7 +310,7 @@ fn refused_and_stray_packets_get_rst() {
 
 #[test]
 fn credit_abuse_resets_the_connection() {
-    let dir = TempDir::new("abuse");
+    let dir = TempDir::new("vsock-abuse");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -346,7 +329,7 @@ fn credit_abuse_resets_the_connection() {
 
 #[test]
 fn malformed_chains_fail_alone() {
-    let dir = TempDir::new("malformed");
+    let dir = TempDir::new("vsock-malformed");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -376,7 +359,7 @@ fn malformed_chains_fail_alone() {
 
 #[test]
 fn unusable_receive_buffers_are_returned_and_the_packet_waits() {
-    let dir = TempDir::new("rxbad");
+    let dir = TempDir::new("vsock-rxbad");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     g.send(hdr(Op::Request, 1, 2), &[]); // RST queued, no buffers yet
@@ -393,7 +376,7 @@ fn unusable_receive_buffers_are_returned_and_the_packet_waits() {
 
 #[test]
 fn reply_flood_stops_tx_until_the_guest_reads() {
-    let dir = TempDir::new("flood");
+    let dir = TempDir::new("vsock-flood");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     // No receive buffers: every stray packet wants an RST we cannot deliver.
@@ -413,7 +396,7 @@ fn reply_flood_stops_tx_until_the_guest_reads() {
 
 #[test]
 fn a_lying_available_index_stops_the_device_until_reset() {
-    let dir = TempDir::new("avail");
+    let dir = TempDir::new("vsock-avail");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     g.txq.set_avail_idx(QSIZE + 5);
@@ -427,7 +410,7 @@ fn a_lying_available_index_stops_the_device_until_reset() {
 
 #[test]
 fn host_initiated_connection_with_handshake() {
-    let dir = TempDir::new("hostinit");
+    let dir = TempDir::new("vsock-hostinit");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     g.give_rx(8, 4096);
@@ -469,7 +452,7 @@ fn host_initiated_connection_with_handshake() {
 
 #[test]
 fn bad_handshakes_are_closed() {
-    let dir = TempDir::new("badhs");
+    let dir = TempDir::new("vsock-badhs");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     g.give_rx(8, 4096);
@@ -494,7 +477,7 @@ fn bad_handshakes_are_closed() {
 
 #[test]
 fn host_eof_half_close_then_guest_close() {
-    let dir = TempDir::new("eof");
+    let dir = TempDir::new("vsock-eof");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -520,7 +503,7 @@ fn host_eof_half_close_then_guest_close() {
 
 #[test]
 fn reset_drops_connections_and_closes_host_sockets() {
-    let dir = TempDir::new("reset");
+    let dir = TempDir::new("vsock-reset");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
@@ -541,7 +524,7 @@ fn reset_drops_connections_and_closes_host_sockets() {
 
 #[test]
 fn several_connections_at_once() {
-    let dir = TempDir::new("many");
+    let dir = TempDir::new("vsock-many");
     let mem = memory();
     let mut g = Guest::new(&mem, &dir);
     let listener = UnixListener::bind(port_path(&g.uds, 1234)).unwrap();
