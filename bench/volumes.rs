@@ -119,7 +119,7 @@ fn main() {
                 let o = common::microvm()
                     .args(["run", "--hypervisor", backend, "--memory", "1g", "--kernel"])
                     .arg(&kernel)
-                    .arg(format!("-v={}:/data", share.display()))
+                    .arg(format!("--volume={}:/data", share.display()))
                     .arg(format!("oci:{}", layout.display()))
                     .args(["sh", "-c", &script(target, rounds, true)])
                     .env("MICROVM_ROOT", &store)

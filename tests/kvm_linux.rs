@@ -2,11 +2,13 @@
 //! real Linux drivers on our boot path, MP table, virtio-mmio transport, virtio-blk (the image's
 //! layers and the scratch disk) and virtio-vsock (the agent). On a PVM host this takes minutes
 //! (the guest kernel's ring-0 code is emulated; see `vmm::pvm`); on hardware KVM, well under a
-//! second. A functional test only: its time is no performance figure.
+//! second. A functional test only: its time is no performance figure. The second test adds a
+//! volume: our vhost-user-fs frontend with a real virtiofsd and Linux's virtio-fs driver.
 
 mod common;
 
 use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -27,36 +29,72 @@ fn demo_image(base: &Path) -> PathBuf {
     out.join("demo")
 }
 
-#[test]
-fn real_linux_under_our_vmm_runs_echo_hi() {
-    let name = "real_linux_under_our_vmm_runs_echo_hi";
+/// `microvm run --hypervisor kvm [flags] demo ARGS...` with a private store under `base`.
+fn run_kvm(name: &str, base: &Path, flags: &[String], args: &[&str]) -> Option<(i32, String)> {
     if !kvm_or_skip(name) {
-        return;
+        return None;
     }
-    let Some(kernel) = kernel_or_skip(name) else {
-        return;
-    };
-    let base = temp_dir("kvm-linux");
-    let image = demo_image(&base.0);
+    let kernel = kernel_or_skip(name)?;
+    let image = demo_image(base);
     let o = microvm()
         .args(["run", "--hypervisor", "kvm", "--rm", "--timings"])
-        // Generous: a PVM host needs a minute and a half to boot and each guest syscall costs
+        // Generous: a PVM host needs a minute and more to boot and each guest syscall costs
         // about a millisecond; the timeout only keeps a wedged guest from hanging CI.
         .args(["--timeout", "900", "--kernel"])
         .arg(&kernel)
-        .args(["--entrypoint", "/bin/echo"])
+        .args(flags)
         .arg(format!("oci:{}", image.display()))
-        .arg("hi")
-        .env("MICROVM_ROOT", base.0.join("store"))
+        .args(args)
+        .env("MICROVM_ROOT", base.join("store"))
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     // The phase timings, for the record (visible with --nocapture).
-    eprintln!("{stderr}");
+    eprintln!("{name}: {stderr}");
+    Some((
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &stderr,
+    ))
+}
+
+#[test]
+fn real_linux_under_our_vmm_runs_echo_hi() {
+    let base = temp_dir("kvm-linux");
+    let flags = ["--entrypoint".to_string(), "/bin/echo".into()];
+    let Some((code, out)) = run_kvm(
+        "real_linux_under_our_vmm_runs_echo_hi",
+        &base.0,
+        &flags,
+        &["hi"],
+    ) else {
+        return;
+    };
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("hi\n"), "{out}");
+}
+
+#[test]
+fn real_linux_under_our_vmm_writes_through_virtio_fs() {
+    let base = temp_dir("kvm-linux-fs");
+    let share = base.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The image's shell and user 1000; `echo` is built in, so no fork under emulation.
+    let flags = [format!("--volume={}:/data", share.display())];
+    let Some((code, out)) = run_kvm(
+        "real_linux_under_our_vmm_writes_through_virtio_fs",
+        &base.0,
+        &flags,
+        &["echo through our virtio-fs > /data/out"],
+    ) else {
+        return;
+    };
+    assert_eq!(code, 0, "{out}");
+    let file = share.join("out");
     assert_eq!(
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
-        (Some(0), "hi\n"),
-        "{stderr}"
+        std::fs::read_to_string(&file).unwrap(),
+        "through our virtio-fs\n"
     );
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), 1000);
 }

@@ -67,7 +67,7 @@ fn shared_dir(name: &str) -> TempDir {
 }
 
 fn vol(host: &Path, guest: &str) -> String {
-    format!("-v={}:{guest}", host.display())
+    format!("--volume={}:{guest}", host.display())
 }
 
 fn wait_for(path: &Path, what: &str) {
@@ -131,7 +131,10 @@ fn read_only_volume_refuses_writes_even_after_a_guest_remount() {
                   echo x > /data/new2; echo rc=$?";
     let o = run(
         &k,
-        &["-u=0".into(), format!("-v={}:/data:ro", d.0.display())],
+        &[
+            "--user=0".into(),
+            format!("--volume={}:/data:ro", d.0.display()),
+        ],
         script,
     );
     let (out, err) = (text(&o.stdout), text(&o.stderr));
@@ -160,17 +163,17 @@ fn single_file_volume_shares_only_that_file() {
     let script = "cat /etc/app.conf; echo setting=2 > /etc/app.conf; \
                   echo x > /tmp/other; busybox mv /tmp/other /etc/app.conf; echo mv=$?; \
                   busybox find / -xdev -name secret 2>/dev/null | busybox wc -l";
-    let o = run(&k, &["-u=0".into(), mount], script);
+    let o = run(&k, &["--user=0".into(), mount], script);
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(out, "setting=1\nmv=1\n0\n", "{err}");
     assert!(err.contains("busy"), "rename over the file: {err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "setting=2\n");
 
     // Read-only: writes fail, the host file stays.
-    let ro = format!("-v={}:/etc/app.conf:ro", file.display());
+    let ro = format!("--volume={}:/etc/app.conf:ro", file.display());
     let o = run(
         &k,
-        &["-u=0".into(), ro],
+        &["--user=0".into(), ro],
         "cat /etc/app.conf; echo no > /etc/app.conf",
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
@@ -272,7 +275,7 @@ fn kill_9_of_microvm_leaves_no_virtiofsd() {
     let d = shared_dir("vol-kill");
     let file = d.0.join("f");
     std::fs::write(&file, "").unwrap();
-    let flags = [vol(&d.0, "/a"), format!("-v={}:/b", file.display())];
+    let flags = [vol(&d.0, "/a"), format!("--volume={}:/b", file.display())];
     let mut child = command(&k, &flags, "busybox touch /a/up; busybox sleep 600")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

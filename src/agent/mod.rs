@@ -139,6 +139,16 @@ impl Control {
     }
 }
 
+/// When the process started and when its end (and all its output) arrived, as time since
+/// microvm started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessTimes {
+    /// The agent reported the process started.
+    pub started: Option<Duration>,
+    /// The exit status and every stream's end arrived.
+    pub ended: Option<Duration>,
+}
+
 /// A session that has handed the spec to the agent and relays the streams.
 pub struct Session {
     control: Control,
@@ -245,9 +255,8 @@ impl Session {
         self.finish_timed(watch).map(|(outcome, _)| outcome)
     }
 
-    /// [`Session::finish`], also returning when the process started (time since microvm
-    /// started), if it did.
-    pub fn finish_timed(self, watch: &VmWatch) -> Result<(Outcome, Option<Duration>), Error> {
+    /// [`Session::finish`], also returning when the process started and ended.
+    pub fn finish_timed(self, watch: &VmWatch) -> Result<(Outcome, ProcessTimes), Error> {
         let mut started = None;
         let outcome = loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
@@ -269,8 +278,9 @@ impl Session {
                 Err(_) => return Err(Error::Protocol("a stream relay panicked".into())),
             }
         }
+        let ended = Some(crate::timing::since_start());
         self.control.send(&Message::Shutdown);
-        Ok((outcome, started))
+        Ok((outcome, ProcessTimes { started, ended }))
     }
 }
 

@@ -379,7 +379,7 @@ impl Run {
         };
         let t_vm = crate::timing::since_start();
         let mut t_ready = None;
-        let mut t_exec = None;
+        let mut t_process = agent::ProcessTimes::default();
         let outcome =
             Session::start(&listener, &watch, self.spec.clone(), io).and_then(|session| {
                 t_ready = Some(crate::timing::since_start());
@@ -395,8 +395,8 @@ impl Run {
                         }
                     }
                 });
-                let (outcome, started) = session.finish_timed(&watch)?;
-                t_exec = started;
+                let (outcome, times) = session.finish_timed(&watch)?;
+                t_process = times;
                 Ok(outcome)
             });
         drop(raw);
@@ -405,11 +405,12 @@ impl Run {
         }
         let end = vm.wait(Duration::from_secs(10));
         shares.finish();
+        // A volume server's failure explains a run that ended without the command's status.
         let share_failure = share_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(why) = share_failure {
+        if let (Err(_), Some(why)) = (&outcome, share_failure) {
             return fail(why);
         }
         if let Some(t_root) = self.timings {
@@ -419,12 +420,13 @@ impl Run {
                 })
             };
             error_line(format!(
-                "timings since start: image {}, plan {}, VM started {}, agent ready {}, process started {}, exit {}",
+                "timings since start: image {}, plan {}, VM started {}, agent ready {}, process started {}, process ended {}, exit {}",
                 ms(Some(t_root)),
                 ms(Some(t_plan)),
                 ms(Some(t_vm)),
                 ms(t_ready),
-                ms(t_exec),
+                ms(t_process.started),
+                ms(t_process.ended),
                 ms(Some(crate::timing::since_start()))
             ));
         }

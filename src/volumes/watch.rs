@@ -1,6 +1,6 @@
-//! The virtiofsd instances of one VM, watched while it runs: one that exits on its own is
-//! reported (and the VM stopped by the caller) instead of leaving the guest's file requests
-//! hanging; all are killed and reaped when the VM is done.
+//! The virtiofsd instances of one VM, watched while it runs: one that fails (exits other than
+//! cleanly after its frontend hung up) is reported, and the VM stopped by the caller, instead of
+//! leaving the guest's file requests hanging; all are killed and reaped when the VM is done.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,10 @@ impl Shares {
             let (stopping, on_exit) = (stopping.clone(), on_exit.clone());
             threads.push(std::thread::spawn(move || {
                 let status = vfs.wait();
-                if !stopping.load(Ordering::SeqCst) {
+                // virtiofsd exits with 0 when its frontend hangs up, which is how the VM's end
+                // reaches it; anything else while the VM runs is a failure.
+                let clean = status.as_ref().is_ok_and(|s| s.success());
+                if !clean && !stopping.load(Ordering::SeqCst) {
                     let why = vfs
                         .last_log_line()
                         .map(|l| format!(": {l}"))
