@@ -337,3 +337,38 @@ fn bad_volume_flags_fail_before_anything_starts() {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
     }
 }
+
+#[test]
+fn a_dying_virtiofsd_ends_the_run_with_an_error() {
+    let Some(k) = kernel_or_skip("a_dying_virtiofsd_ends_the_run_with_an_error") else {
+        return;
+    };
+    let d = shared_dir("vol-crash");
+    let child = command(
+        &k,
+        &[vol(&d.0, "/a")],
+        "busybox touch /a/up; busybox sleep 600",
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for(&d.0.join("up"), "the container to start");
+    let pids = virtiofsd_children(child.id());
+    assert_eq!(pids.len(), 1);
+    // SAFETY: a signal to a process this test found by its parent; nothing else is touched.
+    assert_eq!(unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) }, 0);
+    let started = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("virtiofsd for the volume /a exited while the VM ran"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}

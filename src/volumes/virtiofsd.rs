@@ -1,6 +1,6 @@
 //! One `virtiofsd` per volume: started on a listening socket we made (so the VMM or QEMU can
-//! connect at once, with no wait for the socket to appear), sandboxed in its own namespaces,
-//! killed with us, and reaped when the VM is done.
+//! connect at once, with no wait for the socket to appear), sandboxed in its own namespaces (or
+//! a chroot where namespaces are not allowed), killed with us, and reaped when the VM is done.
 //!
 //! A single-file volume shares a private staging directory holding a bind mount of just that
 //! file, never the file's parent directory. The staging mounts live in a mount namespace of
@@ -31,6 +31,41 @@ pub const VIRTIOFSD_HINT: &str =
 /// MAP_SHARED on direct-I/O files). `MICROVM_VIRTIOFS_CACHE` overrides it.
 fn cache_policy() -> String {
     std::env::var("MICROVM_VIRTIOFS_CACHE").unwrap_or_else(|_| "never".into())
+}
+
+/// virtiofsd's sandbox: `namespace` (its own mount, PID and network namespaces, pivoted into
+/// the shared directory) where this process may create namespaces, else `chroot` (inside a
+/// container without CAP_SYS_ADMIN, say). Probed once by starting `true` in fresh namespaces.
+fn sandbox() -> &'static str {
+    static MODE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| {
+        let mut probe = Command::new("true");
+        probe
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Without root, virtiofsd makes a user namespace first, and so does the probe.
+        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
+        if !nix::unistd::geteuid().is_root() {
+            flags |= libc::CLONE_NEWUSER;
+        }
+        // SAFETY: unshare is a plain syscall, async-signal-safe, touching no parent memory.
+        unsafe {
+            probe.pre_exec(move || {
+                if libc::unshare(flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        match probe.status() {
+            Ok(s) if s.success() => "namespace",
+            _ => {
+                tracing::debug!("virtiofsd: no namespaces here, sandboxing with chroot");
+                "chroot"
+            }
+        }
+    })
 }
 
 /// The fd number the listening socket gets in virtiofsd (`--fd`).
@@ -77,7 +112,7 @@ impl Virtiofsd {
         cmd.arg("--shared-dir")
             .arg(&shared)
             .arg(format!("--fd={LISTEN_FD}"))
-            .args(["--sandbox", "namespace", "--cache"])
+            .args(["--sandbox", sandbox(), "--cache"])
             .arg(cache_policy())
             .args(["--log-level", "warn", "--rlimit-nofile", "0"])
             .stdin(Stdio::null())
