@@ -17,17 +17,7 @@ fn images() -> &'static (PathBuf, PathBuf) {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("image-run-{}", std::process::id()));
         let out = base.join("images");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make-test-images.sh");
-        let st = Command::new("bash")
-            .arg(script)
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "building the test images failed (install umoci and busybox-static)"
-        );
+        make_test_images(&out);
         (out, base.join("store"))
     })
 }

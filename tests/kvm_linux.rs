@@ -10,22 +10,12 @@ mod common;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// The demo image (tests/make-test-images.sh) in a directory of its own.
 fn demo_image(base: &Path) -> PathBuf {
     let out = base.join("images");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make-test-images.sh");
-    let st = Command::new("bash")
-        .arg(script)
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "building the test images failed (install umoci and busybox-static)"
-    );
+    make_test_images(&out);
     out.join("demo")
 }
 

@@ -193,3 +193,18 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Builds the test images of tests/make-test-images.sh in `out` (the demo image is `out/demo`).
+pub fn make_test_images(out: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make-test-images.sh");
+    let st = Command::new("bash")
+        .arg(script)
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "building the test images failed (install umoci and busybox-static)"
+    );
+}

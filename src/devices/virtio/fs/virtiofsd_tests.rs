@@ -36,15 +36,7 @@ const ENTRY_OUT: usize = 40 + 88;
 
 /// Where virtiofsd is: PATH, then cargo's bin directory.
 fn virtiofsd_binary() -> Option<PathBuf> {
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|p| p.join("bin"));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(cargo_bin)
-        .map(|d| d.join("virtiofsd"))
-        .find(|p| p.is_file())
+    crate::helpers::find("virtiofsd", crate::volumes::VIRTIOFSD_HINT).ok()
 }
 
 /// A virtiofsd serving a directory holding [`FILE`], killed when dropped.
