@@ -1,6 +1,7 @@
 //! The image store end to end: loading OCI layouts, oci-archives and docker archives, converting
 //! layers to squashfs (whiteouts, hostile entries), concurrency, crash safety, prune and the CLI.
 
+mod common;
 mod image_fixtures;
 
 use std::path::{Path, PathBuf};
@@ -1413,16 +1414,7 @@ fn an_image_with_more_layers_than_qemu_has_disks_runs() {
     let layers: Vec<(Vec<u8>, &str)> = layers.into_iter().map(|t| (t, TAR_GZ)).collect();
     let path = layout(&dir, "eight", &layers);
     let script = "cat /data/f/inner; ls -1 /etc/app /layers; test -e /etc/gone && echo present || echo absent";
-    let out = microvm(&dir.join("store"))
-        .args([
-            "run",
-            "--hypervisor",
-            "qemu",
-            "--timeout",
-            "120",
-            "--kernel",
-        ])
-        .arg(kernel)
+    let out = common::qemu_run(&mut microvm(&dir.join("store")), kernel, 120)
         .arg(format!("oci:{}", path.display()))
         .args(["-c", script])
         .stdin(Stdio::null())

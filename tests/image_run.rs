@@ -8,33 +8,16 @@ use common::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 /// The test images and a private store, made once per test binary.
 fn images() -> &'static (PathBuf, PathBuf) {
-    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    DIRS.get_or_init(|| {
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("image-run-{}", std::process::id()));
-        let out = base.join("images");
-        make_test_images(&out);
-        (out, base.join("store"))
-    })
+    test_images("image-run")
 }
 
 fn run(kernel: &Path, flags: &[&str], cmd: &[&str]) -> Output {
     let (out, store) = images();
     let image = format!("oci:{}", out.join("demo").display());
-    microvm()
-        .args([
-            "run",
-            "--hypervisor",
-            "qemu",
-            "--timeout",
-            "120",
-            "--kernel",
-        ])
-        .arg(kernel)
+    qemu_run(&mut microvm(), kernel, 120)
         .args(flags)
         .arg(image)
         .args(cmd)

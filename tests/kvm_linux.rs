@@ -9,23 +9,15 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-/// The demo image (tests/make-test-images.sh) in a directory of its own.
-fn demo_image(base: &Path) -> PathBuf {
-    let out = base.join("images");
-    make_test_images(&out);
-    out.join("demo")
-}
-
-/// `microvm run --hypervisor kvm [flags] demo ARGS...` with a private store under `base`.
-fn run_kvm(name: &str, base: &Path, flags: &[String], args: &[&str]) -> Option<(i32, String)> {
+/// `microvm run --hypervisor kvm [flags] demo ARGS...` with the test images' private store.
+fn run_kvm(name: &str, flags: &[String], args: &[&str]) -> Option<(i32, String)> {
     if !kvm_or_skip(name) {
         return None;
     }
     let kernel = kernel_or_skip(name)?;
-    let image = demo_image(base);
+    let (images, store) = test_images("kvm-linux");
     let o = microvm()
         .args(["run", "--hypervisor", "kvm", "--rm", "--timings"])
         // Generous: a PVM host needs a minute and more to boot and each guest syscall costs
@@ -33,9 +25,9 @@ fn run_kvm(name: &str, base: &Path, flags: &[String], args: &[&str]) -> Option<(
         .args(["--timeout", "900", "--kernel"])
         .arg(&kernel)
         .args(flags)
-        .arg(format!("oci:{}", image.display()))
+        .arg(format!("oci:{}", images.join("demo").display()))
         .args(args)
-        .env("MICROVM_ROOT", base.join("store"))
+        .env("MICROVM_ROOT", store)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -50,14 +42,9 @@ fn run_kvm(name: &str, base: &Path, flags: &[String], args: &[&str]) -> Option<(
 
 #[test]
 fn real_linux_under_our_vmm_runs_echo_hi() {
-    let base = temp_dir("kvm-linux");
     let flags = ["--entrypoint".to_string(), "/bin/echo".into()];
-    let Some((code, out)) = run_kvm(
-        "real_linux_under_our_vmm_runs_echo_hi",
-        &base.0,
-        &flags,
-        &["hi"],
-    ) else {
+    let Some((code, out)) = run_kvm("real_linux_under_our_vmm_runs_echo_hi", &flags, &["hi"])
+    else {
         return;
     };
     assert_eq!(code, 0, "{out}");
@@ -74,7 +61,6 @@ fn real_linux_under_our_vmm_writes_through_virtio_fs() {
     let flags = [format!("--volume={}:/data", share.display())];
     let Some((code, out)) = run_kvm(
         "real_linux_under_our_vmm_writes_through_virtio_fs",
-        &base.0,
         &flags,
         &["echo through our virtio-fs > /data/out"],
     ) else {

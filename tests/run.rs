@@ -39,19 +39,11 @@ fn rootfs() -> &'static Path {
 /// `microvm run` through QEMU with `extra` flags, the rootfs, and `cmd`.
 fn run_cmd(kernel: &Path, extra: &[&str], cmd: &[&str]) -> Command {
     let mut c = microvm();
-    c.args([
-        "run",
-        "--hypervisor",
-        "qemu",
-        "--timeout",
-        "120",
-        "--kernel",
-    ])
-    .arg(kernel)
-    .args(extra)
-    .arg("--rootfs")
-    .arg(rootfs())
-    .args(cmd);
+    qemu_run(&mut c, kernel, 120)
+        .args(extra)
+        .arg("--rootfs")
+        .arg(rootfs())
+        .args(cmd);
     c
 }
 

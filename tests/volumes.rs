@@ -6,41 +6,20 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// The demo image and a private store, made once per test binary.
-fn images() -> &'static (PathBuf, PathBuf) {
-    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    DIRS.get_or_init(|| {
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("volumes-{}", std::process::id()));
-        let out = base.join("images");
-        make_test_images(&out);
-        (out, base.join("store"))
-    })
-}
 
 /// `microvm run --hypervisor qemu [flags] demo sh -c SCRIPT`.
 fn command(kernel: &Path, flags: &[String], script: &str) -> Command {
-    let (out, store) = images();
+    let (out, store) = test_images("volumes");
     let mut c = microvm();
-    c.args([
-        "run",
-        "--hypervisor",
-        "qemu",
-        "--timeout",
-        "300",
-        "--kernel",
-    ])
-    .arg(kernel)
-    .args(flags)
-    .arg(format!("oci:{}", out.join("demo").display()))
-    .arg(script)
-    .env("MICROVM_ROOT", store)
-    .stdin(Stdio::null());
+    qemu_run(&mut c, kernel, 300)
+        .args(flags)
+        .arg(format!("oci:{}", out.join("demo").display()))
+        .arg(script)
+        .env("MICROVM_ROOT", store)
+        .stdin(Stdio::null());
     c
 }
 

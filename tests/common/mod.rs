@@ -208,3 +208,26 @@ pub fn make_test_images(out: &Path) {
         "building the test images failed (install umoci and busybox-static)"
     );
 }
+
+/// The test images (`images/demo` and the rest of make-test-images.sh) and a private image
+/// store, under the target's temporary directory, made once per test binary (`name` tells the
+/// binaries' directories apart).
+pub fn test_images(name: &str) -> &'static (PathBuf, PathBuf) {
+    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let out = base.join("images");
+        make_test_images(&out);
+        (out, base.join("store"))
+    })
+}
+
+/// Adds `run --hypervisor qemu --timeout SECS --kernel KERNEL` to `c`: how the tests that boot
+/// the real guest start a container; the root, flags and command follow.
+pub fn qemu_run<'a>(c: &'a mut Command, kernel: &Path, secs: u32) -> &'a mut Command {
+    c.args(["run", "--hypervisor", "qemu", "--timeout"])
+        .arg(secs.to_string())
+        .arg("--kernel")
+        .arg(kernel)
+}
