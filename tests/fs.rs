@@ -6,13 +6,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use microvm::backend::VmEnd;
 use microvm::plan::{Console, FsPlan, VmPlan};
 use microvm::vmm::{Error, Vm};
+use microvm::volumes::{Kind, Virtiofsd, Volume, VIRTIOFSD_HINT};
 
 fn plan(dir: &Path, mode: &str, socket: PathBuf) -> VmPlan {
     VmPlan {
@@ -32,50 +32,24 @@ fn plan(dir: &Path, mode: &str, socket: PathBuf) -> VmPlan {
     }
 }
 
-/// A virtiofsd serving `dir/shared` on `dir/vfs.sock`, or `None` after a loud skip line.
-fn virtiofsd(test: &str, dir: &Path) -> Option<(Child, PathBuf)> {
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|p| p.join("bin"));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let Some(bin) = std::env::split_paths(&path)
-        .chain(cargo_bin)
-        .map(|d| d.join("virtiofsd"))
-        .find(|p| p.is_file())
-    else {
+/// A virtiofsd serving `dir/shared` on `dir/vfs.sock`, started as `microvm run` starts one (on
+/// a socket already listening), or `None` after a loud skip line.
+fn virtiofsd(test: &str, dir: &Path) -> Option<(Virtiofsd, PathBuf)> {
+    if microvm::helpers::find("virtiofsd", VIRTIOFSD_HINT).is_err() {
         skip(test, "virtiofsd is not installed (cargo install virtiofsd)");
         return None;
-    };
+    }
     let shared = dir.join("shared");
     std::fs::create_dir_all(&shared).unwrap();
     let socket = dir.join("vfs.sock");
-    let mut child = Command::new(bin)
-        .arg("--socket-path")
-        .arg(&socket)
-        .arg("--shared-dir")
-        .arg(&shared)
-        .args([
-            "--sandbox",
-            "none",
-            "--cache",
-            "never",
-            "--log-level",
-            "error",
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("cannot start virtiofsd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "virtiofsd exited early"
-        );
-        assert!(Instant::now() < deadline, "virtiofsd did not listen");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Some((child, socket))
+    let volume = Volume {
+        source: shared,
+        target: "/data".into(),
+        read_only: false,
+        kind: Kind::Dir,
+    };
+    let server = Virtiofsd::start(&volume, &socket, dir).unwrap_or_else(|e| panic!("{e}"));
+    Some((server, socket))
 }
 
 #[test]
@@ -93,8 +67,7 @@ fn a_vm_with_a_share_boots_and_stops_normally() {
     assert_eq!(end, VmEnd::GuestStopped);
     let console = std::fs::read_to_string(dir.0.join("console.log")).unwrap();
     assert!(console.contains("mode: info"), "{console}");
-    let _ = backend.kill();
-    let _ = backend.wait();
+    backend.kill();
 }
 
 #[test]
@@ -125,8 +98,7 @@ fn a_dying_backend_ends_the_vm_naming_the_share() {
     let vm = Vm::build(&plan(&dir.0, "hang", socket)).unwrap_or_else(|e| panic!("build: {e}"));
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
-        let _ = backend.kill();
-        let _ = backend.wait();
+        backend.kill();
     });
     let started = Instant::now();
     let result = vm.run();

@@ -166,14 +166,19 @@ impl Virtiofsd {
             .find(|l| !l.trim().is_empty())
             .map(str::to_owned)
     }
-}
 
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
+    /// Kills and reaps it (for tests of a dying backend; dropping it does the same).
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -7,7 +7,6 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use crate::devices::virtio::test_utils::{shared_guest_memory, Buf, DriverQueue, 
 use crate::devices::virtio::{
     ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::volumes::{Kind, Volume};
 
 const TAG: &str = "share0";
 const FILE: &str = "hello.txt";
@@ -39,9 +39,10 @@ fn virtiofsd_binary() -> Option<PathBuf> {
     crate::helpers::find("virtiofsd", crate::volumes::VIRTIOFSD_HINT).ok()
 }
 
-/// A virtiofsd serving a directory holding [`FILE`], killed when dropped.
+/// A virtiofsd serving a directory holding [`FILE`], started as microvm starts it (on a socket
+/// already listening, so the frontend can connect at once), killed when dropped.
 struct Virtiofsd {
-    child: Child,
+    server: crate::volumes::Virtiofsd,
     socket: PathBuf,
     shared: PathBuf,
     _dir: TempDir,
@@ -49,44 +50,28 @@ struct Virtiofsd {
 
 impl Virtiofsd {
     fn start(test: &str) -> Option<Self> {
-        let Some(bin) = virtiofsd_binary() else {
+        if virtiofsd_binary().is_none() {
             // Straight to fd 2: libtest swallows eprintln! of passing tests, and a skip must show.
             let line =
                 format!("SKIP: {test}: virtiofsd is not installed (cargo install virtiofsd)\n");
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             return None;
-        };
+        }
         let dir = TempDir::new(&format!("fs-{test}"));
         let shared = dir.0.join("shared");
         std::fs::create_dir(&shared).unwrap();
         std::fs::write(shared.join(FILE), CONTENT).unwrap();
         let socket = dir.0.join("vfs.sock");
-        let mut child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(&shared)
-            .args([
-                "--sandbox",
-                "none",
-                "--cache",
-                "never",
-                "--no-announce-submounts",
-            ])
-            .args(["--log-level", "error"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("cannot start virtiofsd");
-        let deadline = Instant::now() + WAIT;
-        while !socket.exists() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("virtiofsd exited before listening: {status}");
-            }
-            assert!(Instant::now() < deadline, "virtiofsd did not listen");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let volume = Volume {
+            source: shared.clone(),
+            target: "/data".into(),
+            read_only: false,
+            kind: Kind::Dir,
+        };
+        let server = crate::volumes::Virtiofsd::start(&volume, &socket, &dir.0)
+            .unwrap_or_else(|e| panic!("{e}"));
         Some(Virtiofsd {
-            child,
+            server,
             socket,
             shared,
             _dir: dir,
@@ -94,14 +79,7 @@ impl Virtiofsd {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        self.kill();
+        self.server.kill();
     }
 }
 
