@@ -20,9 +20,10 @@ pub fn base() -> io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Packs the directory `root` as an extra archive at `out`, unpacked by the kernel over the base.
-pub fn tree(root: &Path, out: &Path) -> io::Result<()> {
-    let mut cpio = microvm_rootfs_builder::Cpio::new();
+/// Packs the directory `root` as an extra archive at `out`, unpacked by the kernel over the base;
+/// an archive over `max` bytes fails with [`io::ErrorKind::FileTooLarge`] before it is read.
+pub fn tree(root: &Path, out: &Path, max: u64) -> io::Result<()> {
+    let mut cpio = microvm_rootfs_builder::Cpio::with_limit(max);
     cpio.tree(root, "/")?;
     write_atomically(out, &cpio.finish())
 }

@@ -298,7 +298,7 @@ fn a_guest_that_ends_without_an_exit_record_is_a_crash() {
 #[test]
 fn bad_run_input_is_one_line_and_125() {
     let cases: [&[&str]; 4] = [
-        &["run", "--rootfs", "/nonexistent/dir", "true"],
+        &["run", "--rootfs", "/nonexistent-microvm-test/dir", "true"],
         &["run", "--rootfs", "/"],
         &["run", "busybox", "true"],
         &[
@@ -306,7 +306,7 @@ fn bad_run_input_is_one_line_and_125() {
             "--hypervisor",
             "qemu",
             "--kernel",
-            "/nonexistent",
+            "/nonexistent-microvm-test/vmlinux",
             "--rootfs",
             "/",
             "true",
@@ -321,6 +321,33 @@ fn bad_run_input_is_one_line_and_125() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn a_rootfs_too_big_for_the_vm_fails_before_it_is_read() {
+    // The tree is copied into guest RAM: a sparse 40 MiB file cannot fit a 64 MiB VM, and must be
+    // refused by its size (`--rootfs /` once read the host's disk into memory until killed).
+    let dir = temp_dir("rootfs-too-big");
+    std::fs::File::create(dir.0.join("data"))
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    // Any file passes the kernel check; nothing boots.
+    let o = microvm()
+        .args(["run", "--hypervisor", "qemu", "--memory", "64", "--kernel"])
+        .arg(rootfs().join("etc/passwd"))
+        .arg("--rootfs")
+        .arg(&dir.0)
+        .arg("true")
+        .output()
+        .unwrap();
+    let err = stderr_without_warning(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.starts_with("microvm: --rootfs ") && err.contains("too much for a VM of 64 MiB"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 fn md5_hex(data: &[u8]) -> String {

@@ -21,6 +21,7 @@ const TRAILER: &str = "TRAILER!!!";
 pub struct Cpio {
     buf: Vec<u8>,
     next_ino: u32,
+    limit: Option<u64>,
 }
 
 /// Ownership and timestamp of an entry.
@@ -40,6 +41,17 @@ impl Cpio {
         Cpio {
             buf: Vec::new(),
             next_ino: 1,
+            limit: None,
+        }
+    }
+
+    /// An empty archive that [`Cpio::tree`] refuses to grow past `max` bytes, with an error of
+    /// kind [`io::ErrorKind::FileTooLarge`], checked before a file is read: the archive lives in
+    /// memory, so a tree such as `/` must fail early rather than be read whole.
+    pub fn with_limit(max: u64) -> Self {
+        Cpio {
+            limit: Some(max),
+            ..Cpio::new()
         }
     }
 
@@ -144,7 +156,12 @@ impl Cpio {
         if ft.is_dir() {
             self.entry(name, S_IFDIR | perm, owner, (0, 0), &[]);
         } else if ft.is_file() {
+            self.check_room(path, name, m.len())?;
             let data = std::fs::read(path)?;
+            if data.len() as u64 != m.len() {
+                // Changed while we packed it: the size we checked no longer holds.
+                self.check_room(path, name, data.len() as u64)?;
+            }
             self.entry(name, S_IFREG | perm, owner, (0, 0), &data);
         } else if ft.is_symlink() {
             let target = std::fs::read_link(path)?;
@@ -163,6 +180,30 @@ impl Cpio {
             self.entry(name, S_IFIFO | perm, owner, (0, 0), &[]);
         }
         Ok(())
+    }
+
+    /// Fails unless a file of `len` bytes fits: newc sizes are 32-bit, and the limit if any.
+    fn check_room(&self, path: &Path, name: &str, len: u64) -> io::Result<()> {
+        // Header (110 bytes), name, NUL and padding: a bound, not the exact figure.
+        let after = self.buf.len() as u64 + 110 + name.len() as u64 + 4 + len + 3;
+        match self.limit {
+            Some(max) if after > max => Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "more than {} MiB (reached at {})",
+                    max.div_ceil(1 << 20),
+                    path.display()
+                ),
+            )),
+            _ if len > u32::MAX as u64 => Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "{}: larger than 4 GiB, the most a cpio archive holds",
+                    path.display()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Ends the archive and returns its bytes (a multiple of 4 long, so archives concatenate).
@@ -268,5 +309,23 @@ mod tests {
             (S_IFLNK | 0o777, &b"tool"[..])
         );
         assert_eq!(entries[3].1, S_IFREG | 0o751);
+    }
+
+    #[test]
+    fn a_limit_stops_a_tree_before_reading_what_does_not_fit() {
+        let dir = std::env::temp_dir().join(format!("rootfs-builder-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("small"), [7u8; 1000]).unwrap();
+        let mut cpio = Cpio::with_limit(1 << 20);
+        cpio.tree(&dir, "/").unwrap();
+        // A sparse 8 GiB file: checked by its size, never read (that would take long).
+        let big = std::fs::File::create(dir.join("z-big")).unwrap();
+        big.set_len(8 << 30).unwrap();
+        let err = Cpio::with_limit(1 << 20).tree(&dir, "/").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+        assert!(err.to_string().contains("more than 1 MiB"), "{err}");
+        let err = Cpio::new().tree(&dir, "/").unwrap_err();
+        assert!(err.to_string().contains("larger than 4 GiB"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

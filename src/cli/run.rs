@@ -3,7 +3,7 @@
 //! into the guest's initramfs: changes inside stay inside.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -250,14 +250,9 @@ impl Run {
         let mut initrd = vec![base];
         let mut disks = Vec::new();
         let (defaults, root, lease) = if args.rootfs {
-            let dir = PathBuf::from(first);
-            if !dir.is_dir() {
-                return Err(format!("--rootfs {}: not a directory", dir.display()));
+            if !Path::new(&first).is_dir() {
+                return Err(format!("--rootfs {first}: not a directory"));
             }
-            let archive = run_dir.0.join("rootfs.cpio");
-            crate::initramfs::tree(&dir, &archive)
-                .map_err(|e| format!("cannot pack --rootfs {}: {e}", dir.display()))?;
-            initrd.push(archive);
             (container::ImageDefaults::default(), None, None)
         } else {
             // Device slots left for layers once vsock, the scratch disk and the volumes have
@@ -265,8 +260,11 @@ impl Run {
             let max_layers = slots.saturating_sub(2 + volumes.len());
             image_root(&first, &run_dir.0, max_layers, &mut disks)?
         };
-        let t_root = crate::timing::since_start();
         let process = container::process(&defaults, &overrides)?;
+        if args.rootfs {
+            initrd.push(pack_rootfs(Path::new(&first), &run_dir.0, args.vm.memory)?);
+        }
+        let t_root = crate::timing::since_start();
         let tty = args.tty;
         let spec = RunSpec {
             argv: process.argv,
@@ -468,6 +466,21 @@ impl Run {
 
 /// A fresh per-run directory named `<pid>-<nonce>`; directories left by runs that were killed
 /// (their pid is gone) are removed on the way.
+/// Packs a `--rootfs` directory as an initramfs archive in `run_dir`. The guest holds the archive
+/// and its unpacked copy in RAM at once, so a tree over half of `memory_mib` cannot work: say so
+/// before reading it all (`--rootfs /` must not read the host's disk into memory).
+fn pack_rootfs(dir: &Path, run_dir: &Path, memory_mib: u64) -> Result<PathBuf, String> {
+    let archive = run_dir.join("rootfs.cpio");
+    crate::initramfs::tree(dir, &archive, (memory_mib << 20) / 2).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => format!(
+            "--rootfs {}: {e}, too much for a VM of {memory_mib} MiB (the tree is copied into its RAM): raise --memory, or run it as an image",
+            dir.display()
+        ),
+        _ => format!("cannot pack --rootfs {}: {e}", dir.display()),
+    })?;
+    Ok(archive)
+}
+
 fn new_run_dir() -> Result<RunDir, String> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = crate::host::runtime_dir();

@@ -35,10 +35,16 @@ impl VmArgs {
         }
     }
 
-    /// `--kernel`, else the default guest kernel.
+    /// `--kernel`, else the default guest kernel; checked to be a file, so a typo fails before
+    /// any work (packing a root, starting helpers) is done.
     pub fn kernel(&self) -> Result<PathBuf, String> {
-        self.kernel.clone().or_else(crate::host::default_kernel).ok_or_else(|| {
-            "no guest kernel found: build it with scripts/build-kernel, or pass --kernel PATH (or set MICROVM_KERNEL)".into()
-        })
+        let path = self.kernel.clone().or_else(crate::host::default_kernel).ok_or_else(|| {
+            "no guest kernel found: build it with scripts/build-kernel, or pass --kernel PATH (or set MICROVM_KERNEL)".to_string()
+        })?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(path),
+            Ok(_) => Err(format!("guest kernel {}: not a file", path.display())),
+            Err(e) => Err(format!("guest kernel {}: {e}", path.display())),
+        }
     }
 }
