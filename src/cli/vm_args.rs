@@ -43,8 +43,11 @@ impl VmArgs {
         })?;
         match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => Ok(path),
-            Ok(_) => Err(format!("guest kernel {}: not a file", path.display())),
-            Err(e) => Err(format!("guest kernel {}: {e}", path.display())),
+            Ok(_) => Err(format!(
+                "cannot open the kernel {}: not a file",
+                path.display()
+            )),
+            Err(e) => Err(format!("cannot open the kernel {}: {e}", path.display())),
         }
     }
 }
