@@ -464,8 +464,6 @@ impl Run {
     }
 }
 
-/// A fresh per-run directory named `<pid>-<nonce>`; directories left by runs that were killed
-/// (their pid is gone) are removed on the way.
 /// Packs a `--rootfs` directory as an initramfs archive in `run_dir`. The guest holds the archive
 /// and its unpacked copy in RAM at once, so a tree over half of `memory_mib` cannot work: say so
 /// before reading it all (`--rootfs /` must not read the host's disk into memory).
@@ -481,6 +479,8 @@ fn pack_rootfs(dir: &Path, run_dir: &Path, memory_mib: u64) -> Result<PathBuf, S
     Ok(archive)
 }
 
+/// A fresh per-run directory named `<pid>-<nonce>`; directories left by runs that were killed
+/// (their pid is gone) are removed on the way.
 fn new_run_dir() -> Result<RunDir, String> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = crate::host::runtime_dir();
