@@ -238,10 +238,7 @@ fn main() {
         println!("SKIPPED boot benchmark: /dev/kvm is missing on this host");
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let runs = common::env_number("BENCH_RUNS", 30);
     let guest: PathBuf = common::guest("marker.elf");
     let pvh = common::guest("pvh.elf");
     let qemu = Command::new("qemu-system-x86_64")

@@ -56,14 +56,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let env_num = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let runs = env_num("BENCH_RUNS", 7);
-    let mb = env_num("BENCH_MB", 100) as u64;
+    let runs = common::env_number("BENCH_RUNS", 7);
+    let mb = common::env_number("BENCH_MB", 100) as u64;
     if Command::new("tar2sqfs")
         .arg("--version")
         .stdout(Stdio::null())

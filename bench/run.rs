@@ -24,10 +24,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(15);
+    let runs = common::env_number("BENCH_RUNS", 15);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-run");
     let (root, layout, store) = (dir.join("rootfs"), dir.join("demo"), dir.join("store"));
     let script = |name: &str| {

@@ -77,10 +77,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let rounds: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = common::env_number("BENCH_RUNS", 3);
     let Some(kernel) = common::kernel_or_skip("volumes benchmark") else {
         return;
     };

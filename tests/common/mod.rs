@@ -12,6 +12,14 @@ pub fn microvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_microvm"))
 }
 
+/// The number in the environment variable `key` (e.g. BENCH_RUNS), else `default`.
+pub fn env_number(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Prints a loud line saying `test` is skipped and why.
 pub fn skip(test: &str, why: &str) {
     // Straight to fd 2: libtest captures eprintln! of passing tests, and a skip must be seen.
