@@ -26,30 +26,29 @@ fn mount_one(root: &Path, index: usize, m: &MountSpec) -> Result<(), String> {
         flags |= MsFlags::MS_RDONLY;
     }
     let target = resolve_in_root(root, Path::new(&m.target))?;
-    if m.file {
+    // A directory share is mounted on its target; a file share out of the container's sight,
+    // its one file then bound onto the target.
+    let mount_point = if m.file {
         let dir = Path::new(FILE_SHARES).join(index.to_string());
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        mount(
-            Some(m.tag.as_str()),
-            &dir,
-            Some("virtiofs"),
-            flags,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mount virtio-fs share {}: {e}", m.tag))?;
-        create_missing(&target, false)?;
-        bind(&dir.join(SHARED_FILE_NAME), &target, m.read_only)
+        dir
     } else {
         create_missing(&target, true)?;
-        mount(
-            Some(m.tag.as_str()),
-            &target,
-            Some("virtiofs"),
-            flags,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mount virtio-fs share {}: {e}", m.tag))
+        target.clone()
+    };
+    mount(
+        Some(m.tag.as_str()),
+        &mount_point,
+        Some("virtiofs"),
+        flags,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mount virtio-fs share {}: {e}", m.tag))?;
+    if m.file {
+        create_missing(&target, false)?;
+        bind(&mount_point.join(SHARED_FILE_NAME), &target, m.read_only)?;
     }
+    Ok(())
 }
 
 /// Binds `source` at `target`, read-only if asked (a bind mount takes MS_RDONLY only on a
