@@ -16,6 +16,7 @@ pub mod image;
 pub mod initramfs;
 pub mod plan;
 pub mod scratch;
+pub mod signals;
 pub mod timing;
 pub mod vmm;
 pub mod volumes;

@@ -1,6 +1,8 @@
 //! The host side of the agent protocol: listens on the host socket the guest's agent connects
 //! to, sends it the run spec, relays the process's streams and signals, and returns how the
-//! process ended.
+//! process ended; [`exec`] does the same for further processes in a running VM.
+
+pub mod exec;
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -132,6 +134,10 @@ pub enum Outcome {
 pub struct Control(Arc<Mutex<UnixStream>>);
 
 impl Control {
+    fn new(conn: UnixStream) -> Control {
+        Control(Arc::new(Mutex::new(conn)))
+    }
+
     /// Sends one message; errors mean the agent is gone and are left to the session to notice.
     pub fn send(&self, msg: &Message) {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,29 +210,13 @@ impl Session {
             }
         }
         let missing = || Error::Protocol("a stream connection is missing".into());
-        let (mut stdin_conn, mut stdout_conn, mut stderr_conn) = (
+        let (stdin_conn, stdout_conn, stderr_conn) = (
             stdin_conn.ok_or_else(missing)?,
             stdout_conn.ok_or_else(missing)?,
             stderr_conn.ok_or_else(missing)?,
         );
 
-        let HostIo {
-            mut stdin,
-            mut stdout,
-            mut stderr,
-        } = io;
-        let pumps = vec![
-            std::thread::spawn(move || proto::pump_from_frames(&mut stdout_conn, &mut stdout)),
-            std::thread::spawn(move || proto::pump_from_frames(&mut stderr_conn, &mut stderr)),
-        ];
-        // Stdin may block on the user's terminal forever: never joined.
-        std::thread::spawn(move || {
-            if wants_stdin {
-                let _ = proto::pump_to_frames(&mut stdin, &mut stdin_conn);
-            } else {
-                let _ = proto::write_frame(&mut stdin_conn, &[]);
-            }
-        });
+        let pumps = relay(io, wants_stdin, [stdin_conn, stdout_conn, stderr_conn]);
 
         let (tx, events) = mpsc::channel();
         let mut reader = control.try_clone()?;
@@ -257,6 +247,16 @@ impl Session {
 
     /// [`Session::finish`], also returning when the process started and ended.
     pub fn finish_timed(self, watch: &VmWatch) -> Result<(Outcome, ProcessTimes), Error> {
+        self.finish_observed(watch, &mut |_| {})
+    }
+
+    /// [`Session::finish_timed`], calling `on_started` with the process's guest pid when the
+    /// agent reports it started.
+    pub fn finish_observed(
+        self,
+        watch: &VmWatch,
+        on_started: &mut dyn FnMut(i32),
+    ) -> Result<(Outcome, ProcessTimes), Error> {
         let mut started = None;
         let outcome = loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
@@ -264,24 +264,60 @@ impl Session {
                 Ok(Message::StartFailed { kind, message }) => {
                     break Outcome::StartFailed { kind, message }
                 }
-                Ok(Message::Started { .. }) => started = Some(crate::timing::since_start()),
+                Ok(Message::Started { pid }) => {
+                    started = Some(crate::timing::since_start());
+                    on_started(pid);
+                }
                 Ok(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
                 Err(mpsc::RecvTimeoutError::Timeout) if !watch.ended() => {}
                 Err(_) => return Err(Error::GuestEnded),
             }
         };
         // The agent ends each stream before reporting the exit, so these finish promptly.
-        for p in self.pumps {
-            match p.join() {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => return Err(Error::Protocol("a stream relay panicked".into())),
-            }
-        }
+        join_pumps(self.pumps)?;
         let ended = Some(crate::timing::since_start());
         self.control.send(&Message::Shutdown);
         Ok((outcome, ProcessTimes { started, ended }))
     }
+}
+
+/// The relay threads of one process's streams (stdin, stdout, stderr connections, in that
+/// order): output pumps to be joined; stdin's pump, which may block on the user's terminal
+/// forever, is never joined.
+fn relay(
+    io: HostIo,
+    wants_stdin: bool,
+    conns: [UnixStream; 3],
+) -> Vec<JoinHandle<Result<u64, proto::Error>>> {
+    let HostIo {
+        mut stdin,
+        mut stdout,
+        mut stderr,
+    } = io;
+    let [mut stdin_conn, mut stdout_conn, mut stderr_conn] = conns;
+    std::thread::spawn(move || {
+        if wants_stdin {
+            let _ = proto::pump_to_frames(&mut stdin, &mut stdin_conn);
+        } else {
+            let _ = proto::write_frame(&mut stdin_conn, &[]);
+        }
+    });
+    vec![
+        std::thread::spawn(move || proto::pump_from_frames(&mut stdout_conn, &mut stdout)),
+        std::thread::spawn(move || proto::pump_from_frames(&mut stderr_conn, &mut stderr)),
+    ]
+}
+
+/// Joins output pumps; the first failure is the result.
+fn join_pumps(pumps: Vec<JoinHandle<Result<u64, proto::Error>>>) -> Result<(), Error> {
+    for p in pumps {
+        match p.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(Error::Protocol("a stream relay panicked".into())),
+        }
+    }
+    Ok(())
 }
 
 /// Accepts the agent's next connection, unless the VM ends first.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::agent::VmWatch;
 use crate::plan::VmPlan;
 use crate::vmm::exit::{StopReason, StopSignal};
+use crate::vmm::pause::PauseGate;
 
 /// How a VM ended when nothing went wrong on the host side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +26,10 @@ pub enum VmEnd {
 }
 
 /// Which backend to use, as the user asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Hypervisor {
     /// `kvm` where it boots the guest at full speed, otherwise an error naming the choices.
     Auto,
@@ -60,11 +64,11 @@ pub fn cmdline_extra(h: Hypervisor) -> String {
     }
 }
 
-/// Stops a running VM from any thread (the guest gets no say).
+/// Stops, pauses and resumes a running VM from any thread (the guest gets no say).
 #[derive(Clone)]
 pub enum Stopper {
-    /// Our VMM's stop signal.
-    Kvm(Arc<StopSignal>),
+    /// Our VMM's stop signal and pause gate.
+    Kvm(Arc<StopSignal>, Arc<PauseGate>),
     /// QEMU's process id (our child, not reaped before the VM's waiter ends).
     Qemu(u32),
 }
@@ -73,12 +77,44 @@ impl Stopper {
     /// Stops the VM.
     pub fn stop(&self) {
         match self {
-            Stopper::Kvm(stop) => stop.request(StopReason::HostSignal(libc::SIGKILL)),
+            Stopper::Kvm(stop, _) => stop.request(StopReason::HostSignal(libc::SIGKILL)),
             Stopper::Qemu(pid) => {
                 // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
                 unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
             }
         }
+    }
+
+    /// Stops the guest's vCPUs; no guest code runs until [`Stopper::resume`].
+    pub fn pause(&self) -> Result<(), String> {
+        match self {
+            Stopper::Kvm(_, gate) => gate.pause(),
+            // The whole QEMU process stops, vCPU threads included; its vhost-user helpers
+            // are processes of their own and only wait.
+            Stopper::Qemu(pid) => signal_qemu(*pid, libc::SIGSTOP),
+        }
+    }
+
+    /// Lets a paused guest run again.
+    pub fn resume(&self) -> Result<(), String> {
+        match self {
+            Stopper::Kvm(_, gate) => {
+                gate.resume();
+                Ok(())
+            }
+            Stopper::Qemu(pid) => signal_qemu(*pid, libc::SIGCONT),
+        }
+    }
+}
+
+fn signal_qemu(pid: u32, sig: i32) -> Result<(), String> {
+    // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
+    match unsafe { libc::kill(pid as i32, sig) } {
+        0 => Ok(()),
+        _ => Err(format!(
+            "cannot signal QEMU: {}",
+            std::io::Error::last_os_error()
+        )),
     }
 }
 
@@ -114,7 +150,7 @@ impl RunningVm {
             }
             _ => {
                 let vm = kvm::build(plan).map_err(|e| e.to_string())?;
-                let stop = vm.stop_handle();
+                let (stop, pause) = (vm.stop_handle(), vm.pause_handle());
                 let waiter = std::thread::Builder::new()
                     .name("vmm".into())
                     .spawn(move || {
@@ -122,7 +158,7 @@ impl RunningVm {
                         kvm::run(vm).map_err(|e| e.to_string())
                     })
                     .map_err(|e| format!("cannot start the VMM thread: {e}"))?;
-                (waiter, Stopper::Kvm(stop))
+                (waiter, Stopper::Kvm(stop, pause))
             }
         };
         Ok((RunningVm { waiter, stopper }, watch))

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::signals::HostSignals;
 use super::vm_args::VmArgs;
 use super::{error_line, EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 use crate::backend::{self, VmEnd};
 use crate::plan::{Console, DiskPlan, VmPlan, VsockPlan, GUEST_CID, MAX_SERIAL};
+use crate::signals::HostSignals;
 use crate::vmm::exit::StopReason;
 use nix::sys::signal::Signal;
 

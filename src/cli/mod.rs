@@ -1,17 +1,26 @@
 //! The `microvm` command line: docker-style flags and exit codes.
 
 mod boot;
+mod create;
+mod exec;
+mod foreground;
 mod image;
+mod inspect;
+mod logs;
+mod pause;
+mod ps;
+mod rm;
 mod run;
-mod signals;
+mod start;
+mod stop;
+mod table;
+mod top;
 mod vm_args;
+mod wait;
 
 use clap::{Parser, Subcommand};
 
-/// Exit status when microvm itself fails (docker's convention).
-pub const EXIT_MICROVM_ERROR: i32 = 125;
-/// Exit status when the guest outlived `--timeout` (as timeout(1)).
-pub const EXIT_TIMEOUT: i32 = 124;
+pub use crate::container::launch::{EXIT_MICROVM_ERROR, EXIT_TIMEOUT};
 
 /// microvm: run each container in its own small KVM virtual machine.
 #[derive(Debug, Parser)]
@@ -31,8 +40,43 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel directly and exit with the guest.
     Boot(boot::BootArgs),
-    /// Run a command in its own VM.
+    /// Run a command in a new container, in its own VM.
     Run(run::RunArgs),
+    /// Create a container without starting it.
+    Create(create::CreateArgs),
+    /// Start created or exited containers (a fresh VM over the same sandbox layer).
+    Start(start::StartArgs),
+    /// List containers.
+    Ps(ps::PsArgs),
+    /// Show containers' records as JSON.
+    Inspect(inspect::InspectArgs),
+    /// Print a container's output.
+    Logs(logs::LogsArgs),
+    /// Stop running containers: the stop signal, then SIGKILL after a grace period.
+    Stop(stop::StopArgs),
+    /// Run another process in a running container's VM.
+    Exec(exec::ExecArgs),
+    /// Show the processes running in a container's VM.
+    Top(top::TopArgs),
+    /// Stop running containers' vCPUs (no guest code runs until unpause).
+    Pause(pause::PauseArgs),
+    /// Let paused containers run again.
+    Unpause(pause::PauseArgs),
+    /// Send a signal to running containers' processes.
+    Kill(stop::KillArgs),
+    /// Remove containers and their sandbox layers.
+    Rm(rm::RmArgs),
+    /// Wait for containers to stop and print their exit codes.
+    Wait(wait::WaitArgs),
+    /// Manage containers.
+    #[command(subcommand)]
+    Container(rm::ContainerCommand),
+    /// Supervise a container (started by `run -d` and `start`; not for direct use).
+    #[command(hide = true)]
+    Supervise {
+        /// The container's id.
+        id: String,
+    },
     /// Show what this host offers: KVM, its flavour, the default guest kernel.
     Info,
     /// Load an image from an OCI layout or archive, or a docker archive, into the image store.
@@ -53,6 +97,21 @@ pub fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Boot(args) => boot::run(args),
         Command::Run(args) => run::run(args),
+        Command::Create(args) => create::create(args),
+        Command::Start(args) => start::start(args),
+        Command::Ps(args) => ps::ps(args),
+        Command::Inspect(args) => inspect::inspect(args),
+        Command::Logs(args) => logs::logs(args),
+        Command::Stop(args) => stop::stop(args),
+        Command::Exec(args) => exec::exec(args),
+        Command::Top(args) => top::top(args),
+        Command::Kill(args) => stop::kill(args),
+        Command::Pause(args) => pause::pause(args, true),
+        Command::Unpause(args) => pause::pause(args, false),
+        Command::Rm(args) => rm::rm(args),
+        Command::Wait(args) => wait::wait(args),
+        Command::Container(cmd) => rm::container(cmd),
+        Command::Supervise { id } => supervise(&id),
         Command::Info => {
             print!("{}", crate::host::info_report());
             0
@@ -61,6 +120,29 @@ pub fn run(cli: Cli) -> i32 {
         Command::Images(args) => image::images(args),
         Command::Rmi(args) => image::rmi(args),
         Command::Prune => image::prune(),
+    }
+}
+
+/// The detached supervisor's body (`microvm supervise ID`).
+fn supervise(id: &str) -> i32 {
+    use nix::sys::signal::Signal;
+    let signals = match crate::signals::HostSignals::block(&[
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            error_line(e);
+            return EXIT_MICROVM_ERROR;
+        }
+    };
+    match crate::container::containers().and_then(|s| s.resolve(id)) {
+        Ok(c) => crate::container::supervisor::run_detached(&c, signals),
+        Err(e) => {
+            error_line(e);
+            EXIT_MICROVM_ERROR
+        }
     }
 }
 

@@ -35,6 +35,19 @@ impl VmArgs {
         }
     }
 
+    /// `--cpus` within what every backend runs (the same bound for both, checked before
+    /// anything starts).
+    pub fn check_cpus(&self) -> Result<(), String> {
+        if self.cpus == 0 || self.cpus > crate::plan::MAX_CPUS {
+            return Err(format!(
+                "--cpus must be between 1 and {}, not {}",
+                crate::plan::MAX_CPUS,
+                self.cpus
+            ));
+        }
+        Ok(())
+    }
+
     /// `--kernel`, else the default guest kernel; checked to be a file, so a typo fails before
     /// any work (packing a root, starting helpers) is done.
     pub fn kernel(&self) -> Result<PathBuf, String> {

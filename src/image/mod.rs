@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub working_dir: String,
     /// `User` (empty: root): `user`, `uid`, `user:group` or `uid:gid`.
     pub user: String,
+    /// `StopSignal` (empty: SIGTERM), as the image spells it (`SIGQUIT`, `QUIT` or `3`).
+    pub stop_signal: String,
 }
 
 /// A loaded image.

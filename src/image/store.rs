@@ -437,6 +437,7 @@ impl Store {
             env: c.and_then(|c| c.env().clone()).unwrap_or_default(),
             working_dir: c.and_then(|c| c.working_dir().clone()).unwrap_or_default(),
             user: c.and_then(|c| c.user().clone()).unwrap_or_default(),
+            stop_signal: c.and_then(|c| c.stop_signal().clone()).unwrap_or_default(),
         };
         Ok(Image {
             name: name.to_string(),

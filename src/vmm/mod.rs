@@ -12,6 +12,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod pause;
 pub mod pvm;
 pub mod regs;
 mod teardown;
@@ -137,6 +138,7 @@ pub struct Vm {
     // teardown keeper holds the VM on, by which time no vCPU can touch guest memory).
     vcpus: Vec<Vcpu>,
     stop: Arc<StopSignal>,
+    pause: Arc<pause::PauseGate>,
     /// Device-loop subscribers (virtio devices), handed to the loop by [`Vm::run`].
     devices: Vec<device_loop::Subscriber>,
     timeout: Option<Duration>,
@@ -372,16 +374,20 @@ impl Vm {
         let cmdline = virtio.kernel_cmdline(&plan.cmdline)?;
         let kernel = load_guest(&memory, plan, &cmdline, &mut kernel_file, initrd)?;
         let pio = legacy_devices(&vm, console, &stop)?;
+        let pause =
+            Arc::new(pause::PauseGate::new(plan.cpus.into()).map_err(host_err("pause eventfd"))?);
         let wiring = vcpu::Wiring {
             pio,
             mmio: Arc::new(virtio.mmio),
             stop: stop.clone(),
+            pause: pause.clone(),
         };
         let vcpus = create_vcpus(&kvm_sys, &vm, &memory, &kernel, plan.cpus, &wiring)?;
 
         Ok(Vm {
             vcpus,
             stop,
+            pause,
             devices: virtio.subscribers,
             timeout: plan.timeout,
             defer_teardown: false,
@@ -405,6 +411,11 @@ impl Vm {
         self.stop.clone()
     }
 
+    /// A handle to pause and resume the running VM from another thread.
+    pub fn pause_handle(&self) -> Arc<pause::PauseGate> {
+        self.pause.clone()
+    }
+
     /// Runs the guest until it stops, fails, times out or is stopped through [`Vm::stop_handle`].
     pub fn run(mut self) -> Result<VmEnd, Error> {
         let epoll = Epoll::new().map_err(host_err("epoll"))?;
@@ -414,6 +425,14 @@ impl Vm {
                 ControlOperation::Add,
                 stop_fd,
                 EpollEvent::new(EventSet::IN, 0),
+            )
+            .map_err(host_err("epoll"))?;
+        let pause_fd = self.pause.kick_fd().as_raw_fd();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                pause_fd,
+                EpollEvent::new(EventSet::IN, 1),
             )
             .map_err(host_err("epoll"))?;
 
@@ -456,6 +475,13 @@ impl Vm {
             if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 break Ok(VmEnd::TimedOut);
             }
+            if events[..n].iter().any(|e| e.data() == 1) {
+                // Pause asked: kick every vCPU out of the guest; each parks at the gate.
+                let _ = self.pause.kick_fd().read();
+                for t in &threads {
+                    let _ = t.kill(vcpu::kick_signal());
+                }
+            }
             if self.stop.is_requested() {
                 break match self.stop.reason() {
                     Some(StopReason::TripleFault { cpu, rip }) => {
@@ -470,6 +496,7 @@ impl Vm {
         };
 
         self.stop.request_host_stop();
+        self.pause.release_for_stop();
         stop_threads(threads);
         devices.stop();
         if self.defer_teardown {

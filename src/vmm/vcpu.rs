@@ -52,6 +52,8 @@ pub struct Wiring {
     pub mmio: Arc<Bus>,
     /// Raised to stop the VM; checked before every guest entry.
     pub stop: Arc<StopSignal>,
+    /// Closed while the VM is paused; passed before every guest entry.
+    pub pause: Arc<super::pause::PauseGate>,
 }
 
 /// The width of one access of the current port I/O exit (1, 2 or 4).
@@ -90,6 +92,10 @@ impl Vcpu {
             crate::timing::mark_setup_done();
         }
         while !self.wiring.stop.is_requested() {
+            self.wiring.pause.wait_while_paused(&self.wiring.stop);
+            if self.wiring.stop.is_requested() {
+                break;
+            }
             if let Next::Stop(reason) = self.run_once(run) {
                 self.wiring.stop.request(reason);
             }

@@ -5,7 +5,8 @@ use std::path::{Component, Path, PathBuf};
 use super::Error;
 
 /// What a volume shares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A host directory.
     Dir,
@@ -14,7 +15,7 @@ pub enum Kind {
 }
 
 /// One volume, checked: the source exists, the target is a clean absolute path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Volume {
     /// Absolute host path.
     pub source: PathBuf,

@@ -12,6 +12,14 @@
 //!   answers with [`Message::Run`] (or [`Message::Refused`] on a version mismatch).
 //! - Stream connections: the agent opens one per stream with a [`StreamHello`] frame; then data
 //!   frames, an empty frame meaning end of stream.
+//!
+//! More processes in the running container (`exec`, `top`) come the other way: once the
+//! container's process runs, the agent listens on [`EXEC_PORT`] and the host connects to it.
+//! The first frame of such a connection says what it is for: [`Message::Exec`] (its control
+//! connection; the agent answers [`Message::ExecAccepted`] with a process number, then
+//! `Started`/`StartFailed` and `Exited` as for the container's process), [`Message::ExecStream`]
+//! (one of that process's streams, framed as above), or [`Message::Top`] (answered with one
+//! [`Message::Processes`]). Each carries the host's protocol version, checked like the hello.
 #![warn(missing_docs)]
 
 use std::io::{self, Read, Write};
@@ -19,13 +27,17 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; both sides must agree exactly.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Kernel command-line key carrying the protocol version the host speaks.
 pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
 /// Kernel command-line key carrying the host vsock port the agent connects to.
 pub const CMDLINE_PORT_KEY: &str = "microvm.port";
 /// The vsock port microvm listens on by default.
 pub const DEFAULT_PORT: u32 = 1024;
+/// The guest vsock port the agent listens on for `exec` and `top` while the container runs.
+pub const EXEC_PORT: u32 = 1025;
+/// Most `exec` processes the agent runs at once (each holds threads and connections).
+pub const MAX_EXECS: usize = 64;
 /// Largest control message body.
 pub const MAX_CONTROL_FRAME: usize = 1 << 20;
 /// Largest data frame body.
@@ -91,6 +103,28 @@ pub struct RunSpec {
     pub root: Option<RootSpec>,
     /// Volumes to mount in the container's root before the process starts, in order.
     pub mounts: Vec<MountSpec>,
+}
+
+/// A further process in the running container (`exec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Program and arguments, looked up in `PATH` from `env` when the program has no `/`.
+    pub argv: Vec<String>,
+    /// Environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory (must exist).
+    pub cwd: String,
+    /// `user`, `uid`, `user:group` or `uid:gid`; empty means root.
+    pub user: String,
+    /// Give the process a terminal (stdout and stderr merge into it).
+    pub tty: bool,
+    /// Keep stdin open; otherwise the process reads /dev/null.
+    pub stdin: bool,
+    /// Initial terminal size (rows, columns), when `tty`.
+    pub winsize: Option<(u16, u16)>,
+    /// Start it with no streams and report only that it started (`exec -d`).
+    #[serde(default)]
+    pub detach: bool,
 }
 
 /// Name of the one file a single-file share holds: the host stages the file under this name in
@@ -194,6 +228,40 @@ pub enum Message {
     Exited(ExitStatus),
     /// Host -> agent: everything arrived; power off now.
     Shutdown,
+    /// Host -> agent, first frame of a connection to [`EXEC_PORT`]: run another process in the
+    /// container; this connection becomes its control connection.
+    Exec {
+        /// The host's protocol version.
+        version: u32,
+        /// The process.
+        spec: ExecSpec,
+    },
+    /// Agent -> host: the exec is accepted as `process`; open its three stream connections.
+    ExecAccepted {
+        /// Number of the exec process, named by its stream connections.
+        process: u32,
+    },
+    /// Host -> agent, first frame of a connection to [`EXEC_PORT`]: a stream of exec `process`.
+    ExecStream {
+        /// The host's protocol version.
+        version: u32,
+        /// The exec process it belongs to.
+        process: u32,
+        /// Which stream.
+        stream: Stream,
+    },
+    /// Host -> agent, first frame of a connection to [`EXEC_PORT`]: list the processes.
+    Top {
+        /// The host's protocol version.
+        version: u32,
+    },
+    /// Agent -> host: the processes in the VM, one row per process under `titles`.
+    Processes {
+        /// Column titles.
+        titles: Vec<String>,
+        /// One row per process.
+        rows: Vec<Vec<String>>,
+    },
 }
 
 /// Writes one frame.

@@ -1,12 +1,15 @@
 //! microvm-init: PID 1 of every microvm guest.
 //!
 //! It mounts the basic filesystems, connects to the host over vsock (CID 2, the port named on the
-//! kernel command line), runs the one process the host asks for with its streams relayed, reaps
-//! every zombie, reports the exit status, and reboots the VM (which ends it: the host VMM treats
+//! kernel command line), runs the container's process the host asks for with its streams
+//! relayed, serves `exec` and `top` while it runs, reaps every zombie, reports the exit status,
+//! and reboots the VM (which ends it: the host VMM treats
 //! a reset as the guest stopping). Any failure is printed on the console and ends the VM without
 //! an exit record, which the host reports as a guest crash.
 
+mod exec;
 mod process;
+mod reaper;
 mod root;
 mod system;
 mod users;
@@ -80,7 +83,17 @@ fn run() -> Result<(), String> {
         stdout: open_stream(port, proto::Stream::Stdout)?,
         stderr: open_stream(port, proto::Stream::Stderr)?,
     };
-    process::run(&spec, streams, &mut control)
+    let hostname = if spec.hostname.is_empty() {
+        "microvm".to_string()
+    } else {
+        spec.hostname.clone()
+    };
+    process::run(&spec, streams, &mut control, move || {
+        // Without it exec and top fail, the container itself runs on.
+        if let Err(e) = exec::listen(hostname) {
+            log(&e);
+        }
+    })
 }
 
 /// Connects to the host's listening port; retried briefly in case the vsock device is still
@@ -111,7 +124,7 @@ fn connect_host(port: u32) -> Result<UnixStream, String> {
     ))
 }
 
-fn stream_from(fd: OwnedFd) -> UnixStream {
+pub(crate) fn stream_from(fd: OwnedFd) -> UnixStream {
     let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
     // SAFETY: `raw` is a connected stream socket we own (just taken out of an OwnedFd);
     // UnixStream only uses read/write/shutdown/setsockopt on it, which work on any stream socket.

@@ -1,6 +1,7 @@
-//! Runs the container's process: resolves user, program and working directory, wires its
-//! standard streams to the host's stream connections, forwards signals and terminal sizes,
-//! reaps every zombie (we are PID 1), and reports how the process ended.
+//! Runs processes in the container: resolves user, program and working directory, wires their
+//! standard streams to the host's stream connections, forwards signals and terminal sizes, and
+//! reports how they ended. The container's process ([`run`]) ends the VM when it ends; `exec`
+//! processes ([`crate::exec`]) use the same [`start`].
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -10,14 +11,14 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use microvm_agent_protocol::{self as proto, ExitStatus, Message, RunSpec, StartFailure};
+use microvm_agent_protocol::{self as proto, ExecSpec, Message, RunSpec, StartFailure};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::users;
+use crate::{reaper, users};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -31,23 +32,114 @@ pub struct Streams {
     pub stderr: UnixStream,
 }
 
-/// Runs `spec` to its end and reports it on `control`, then waits for the host's go-ahead to
-/// power off.
-pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result<(), String> {
+/// A process to start, from the host's [`RunSpec`] or [`ExecSpec`].
+pub struct Proc {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Environment.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// User spec.
+    pub user: String,
+    /// The VM's hostname, for `HOSTNAME`.
+    pub hostname: String,
+    /// Give it a terminal.
+    pub tty: bool,
+    /// Relay stdin.
+    pub stdin: bool,
+    /// Initial terminal size.
+    pub winsize: Option<(u16, u16)>,
+    /// Create a missing working directory (docker does for the container, not for exec).
+    pub create_cwd: bool,
+}
+
+impl Proc {
+    /// The container's process.
+    pub fn container(spec: &RunSpec) -> Proc {
+        Proc {
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+            user: spec.user.clone(),
+            hostname: spec.hostname.clone(),
+            tty: spec.tty,
+            stdin: spec.stdin,
+            winsize: spec.winsize,
+            create_cwd: true,
+        }
+    }
+
+    /// An exec process.
+    pub fn exec(spec: &ExecSpec, hostname: &str) -> Proc {
+        Proc {
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+            user: spec.user.clone(),
+            hostname: hostname.to_string(),
+            tty: spec.tty,
+            stdin: spec.stdin,
+            winsize: spec.winsize,
+            create_cwd: false,
+        }
+    }
+}
+
+/// A started process.
+pub struct Running {
+    /// Its pid.
+    pub pid: i32,
+    /// Its terminal's master side, when it has a terminal.
+    pub master: Option<OwnedFd>,
+    pumps: Vec<JoinHandle<std::io::Result<u64>>>,
+}
+
+impl Running {
+    /// Waits until its output has all been relayed (its end of the streams is closed once it
+    /// and everything holding them have exited).
+    pub fn join_output(self) {
+        for p in self.pumps {
+            if let Ok(Err(e)) = p.join() {
+                crate::log(&format!("output relay: {e}"));
+            }
+        }
+    }
+}
+
+/// Runs the container's process to its end and reports it on `control`, then waits for the
+/// host's go-ahead to power off. `on_started` runs once the process runs (the exec listener
+/// starts there).
+pub fn run(
+    spec: &RunSpec,
+    streams: Streams,
+    control: &mut UnixStream,
+    on_started: impl FnOnce(),
+) -> Result<(), String> {
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
-    let status = match prepare(spec) {
-        Ok(prepared) => spawn_and_wait(spec, prepared, streams, control, shutdown_tx)?,
+    match start(&Proc::container(spec), Some(streams), false) {
         Err((kind, message)) => {
             crate::log(&message);
-            end_stream(streams.stdout);
-            end_stream(streams.stderr);
             send(control, &Message::StartFailed { kind, message })?;
-            spawn_control_reader(control, None, shutdown_tx)?;
-            None
+            spawn_control_reader(control, None, Some(shutdown_tx))?;
         }
-    };
-    if let Some(status) = status {
-        send(control, &Message::Exited(status))?;
+        Ok((running, _)) => {
+            let pid = running.pid;
+            send(control, &Message::Started { pid })?;
+            spawn_control_reader(
+                control,
+                Some((pid, running.master.as_ref().map(dup).transpose()?)),
+                Some(shutdown_tx),
+            )?;
+            on_started();
+            let status = reaper::reap_until(pid);
+            // The container ends with its main process, as with docker: nothing may outlive
+            // it and hold its output open (exec processes included).
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            reaper::reap_all();
+            running.join_output();
+            send(control, &Message::Exited(status))?;
+        }
     }
     // Everything is on its way; the host confirms before the VM disappears under it.
     let _ = shutdown_rx.recv_timeout(Duration::from_secs(10));
@@ -62,7 +154,7 @@ struct Prepared {
 }
 
 /// Everything that can fail before fork, with docker's classification of the failure.
-fn prepare(spec: &RunSpec) -> Result<Prepared, (StartFailure, String)> {
+fn prepare(spec: &Proc) -> Result<Prepared, (StartFailure, String)> {
     let other = |m: String| (StartFailure::Other, m);
     let argv0 = spec
         .argv
@@ -100,6 +192,12 @@ fn prepare(spec: &RunSpec) -> Result<Prepared, (StartFailure, String)> {
     }
 
     let cwd = PathBuf::from(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
+    if !cwd.is_dir() && !spec.create_cwd {
+        return Err(other(format!(
+            "working directory {}: no such directory",
+            cwd.display()
+        )));
+    }
     if !cwd.is_dir() {
         std::fs::create_dir_all(&cwd)
             .map_err(|e| other(format!("working directory {}: {e}", cwd.display())))?;
@@ -155,48 +253,71 @@ fn find_program(name: &str, path: &str, cwd: &Path) -> Result<PathBuf, (StartFai
     }
 }
 
-fn spawn_and_wait(
-    spec: &RunSpec,
-    p: Prepared,
-    streams: Streams,
-    control: &mut UnixStream,
-    shutdown_tx: mpsc::Sender<()>,
-) -> Result<Option<ExitStatus>, String> {
+/// Starts `spec` with its streams on `streams` (none: all three on /dev/null, for `exec -d`);
+/// `watched` registers it with the reaper (exec processes: the receiver gets its status), else
+/// the caller reaps it. On failure both output streams are ended and the failure is classified
+/// as docker would.
+pub fn start(
+    spec: &Proc,
+    streams: Option<Streams>,
+    watched: bool,
+) -> Result<(Running, Option<mpsc::Receiver<proto::ExitStatus>>), (StartFailure, String)> {
+    let p = match prepare(spec) {
+        Ok(p) => p,
+        Err(e) => {
+            end_streams(streams);
+            return Err(e);
+        }
+    };
     let mut cmd = Command::new(&p.program);
     cmd.arg0(&spec.argv[0])
         .args(&spec.argv[1..])
         .env_clear()
         .envs(p.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&p.cwd);
-
-    let master = if spec.tty {
-        let size = spec.winsize.map(|(rows, cols)| nix::pty::Winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        });
-        let pty = nix::pty::openpty(size.as_ref(), None).map_err(|e| format!("openpty: {e}"))?;
-        let slave = pty.slave;
-        cmd.stdin(Stdio::from(dup(&slave)?))
-            .stdout(Stdio::from(dup(&slave)?))
-            .stderr(Stdio::from(slave));
-        Some(pty.master)
-    } else {
-        cmd.stdin(if spec.stdin {
-            Stdio::piped()
+    let setup = (|| -> Result<Option<OwnedFd>, String> {
+        if streams.is_none() {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            Ok(None)
+        } else if spec.tty {
+            let size = spec.winsize.map(|(rows, cols)| nix::pty::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            });
+            let pty =
+                nix::pty::openpty(size.as_ref(), None).map_err(|e| format!("openpty: {e}"))?;
+            let slave = pty.slave;
+            cmd.stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
+            Ok(Some(pty.master))
         } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        None
+            cmd.stdin(if spec.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            Ok(None)
+        }
+    })();
+    let master = match setup {
+        Ok(m) => m,
+        Err(e) => {
+            end_streams(streams);
+            return Err((StartFailure::Other, e));
+        }
     };
     let (uid, gid, groups, tty) = (
         p.identity.uid,
         p.identity.gid,
         p.identity.groups.clone(),
-        spec.tty,
+        spec.tty && streams.is_some(),
     );
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (setsid, ioctl, setgroups, setgid, setuid), which are async-signal-safe; `groups` was
@@ -219,7 +340,18 @@ fn spawn_and_wait(
         });
     }
 
-    let mut child = match cmd.spawn() {
+    let spawned = if watched {
+        reaper::spawn_watched(|| {
+            cmd.spawn().map(|c| {
+                let pid = c.id() as i32;
+                (c, pid)
+            })
+        })
+        .map(|(c, rx)| (c, Some(rx)))
+    } else {
+        cmd.spawn().map(|c| (c, None))
+    };
+    let (mut child, exit) = match spawned {
         Ok(c) => c,
         Err(e) => {
             let kind = match e.kind() {
@@ -228,85 +360,55 @@ fn spawn_and_wait(
                 _ if e.raw_os_error() == Some(libc::ENOEXEC) => StartFailure::NotExecutable,
                 _ => StartFailure::Other,
             };
-            let message = format!("exec {}: {e}", spec.argv[0]);
-            end_stream(streams.stdout);
-            end_stream(streams.stderr);
-            send(control, &Message::StartFailed { kind, message })?;
-            spawn_control_reader(control, None, shutdown_tx)?;
-            return Ok(None);
+            end_streams(streams);
+            return Err((kind, format!("exec {}: {e}", spec.argv[0])));
         }
     };
     let pid = child.id() as i32;
     // Drop our copies of the terminal's slave side so that the master sees EOF (EIO) when the
     // process and its children are gone.
     drop(cmd);
-    send(control, &Message::Started { pid })?;
-    spawn_control_reader(
-        control,
-        Some((pid, master.as_ref().map(dup).transpose()?)),
-        shutdown_tx,
-    )?;
 
-    let Streams {
-        stdin,
-        mut stdout,
-        mut stderr,
-    } = streams;
     let mut pumps = Vec::new();
-    match master {
-        Some(master) => {
-            let mut reader = std::fs::File::from(dup(&master)?);
-            pumps.push(std::thread::spawn(move || {
-                proto::pump_to_frames(&mut reader, &mut stdout)
-            }));
-            end_stream(stderr);
-            let writer = std::fs::File::from(master);
-            relay_stdin(stdin, writer);
-        }
-        None => {
-            let mut out = child.stdout.take().ok_or("no stdout pipe")?;
-            let mut err = child.stderr.take().ok_or("no stderr pipe")?;
-            pumps.push(std::thread::spawn(move || {
-                proto::pump_to_frames(&mut out, &mut stdout)
-            }));
-            pumps.push(std::thread::spawn(move || {
-                proto::pump_to_frames(&mut err, &mut stderr)
-            }));
-            match child.stdin.take() {
-                Some(w) => relay_stdin(stdin, w),
-                None => relay_stdin(stdin, std::io::sink()),
+    let relay = match streams {
+        None => Ok(()),
+        Some(Streams {
+            stdin,
+            mut stdout,
+            mut stderr,
+        }) => (|| -> Result<(), String> {
+            match &master {
+                Some(master) => {
+                    let mut reader = std::fs::File::from(dup(master)?);
+                    pumps.push(std::thread::spawn(move || {
+                        proto::pump_to_frames(&mut reader, &mut stdout)
+                    }));
+                    end_stream(stderr);
+                    let writer = std::fs::File::from(dup(master)?);
+                    relay_stdin(stdin, writer);
+                }
+                None => {
+                    let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+                    let mut err = child.stderr.take().ok_or("no stderr pipe")?;
+                    pumps.push(std::thread::spawn(move || {
+                        proto::pump_to_frames(&mut out, &mut stdout)
+                    }));
+                    pumps.push(std::thread::spawn(move || {
+                        proto::pump_to_frames(&mut err, &mut stderr)
+                    }));
+                    match child.stdin.take() {
+                        Some(w) => relay_stdin(stdin, w),
+                        None => relay_stdin(stdin, std::io::sink()),
+                    }
+                }
             }
-        }
+            Ok(())
+        })(),
+    };
+    if let Err(e) = relay {
+        crate::log(&format!("process {pid}: {e}"));
     }
-
-    let status = reap_until(pid);
-    // The container ends with its main process, as with docker: nothing may outlive it and hold
-    // its output open.
-    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-    while !matches!(waitpid(None, None), Err(nix::errno::Errno::ECHILD)) {}
-    for p in pumps {
-        if let Ok(Err(e)) = p.join() {
-            crate::log(&format!("output relay: {e}"));
-        }
-    }
-    Ok(Some(status))
-}
-
-/// Reaps children until `pid` ends; returns its status.
-fn reap_until(pid: i32) -> ExitStatus {
-    loop {
-        match waitpid(None, None) {
-            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return ExitStatus::Code(code),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
-                return ExitStatus::Signal(sig as i32)
-            }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                crate::log(&format!("waitpid: {e}"));
-                return ExitStatus::Code(255);
-            }
-        }
-    }
+    Ok((Running { pid, master, pumps }, exit))
 }
 
 /// Copies the host's stdin frames into the process, closing its stdin at end of stream.
@@ -318,10 +420,12 @@ fn relay_stdin(mut from: UnixStream, mut to: impl Write + Send + 'static) {
 }
 
 /// Handles the host's control messages while the process runs and afterwards.
-fn spawn_control_reader(
+/// `shutdown_tx` is the container's: told when the host says to power off or goes away; an
+/// exec's control connection has none.
+pub fn spawn_control_reader(
     control: &UnixStream,
     process: Option<(i32, Option<OwnedFd>)>,
-    shutdown_tx: mpsc::Sender<()>,
+    shutdown_tx: Option<mpsc::Sender<()>>,
 ) -> Result<(), String> {
     let mut control = control
         .try_clone()
@@ -346,17 +450,21 @@ fn spawn_control_reader(
                     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
                 }
             }
-            Ok(Message::Shutdown) => {
+            Ok(Message::Shutdown) if shutdown_tx.is_some() => {
                 // The host asks to power off, also while the process runs: end every process
                 // so the reaper returns; the exit record then says SIGKILL.
                 if process.is_some() {
                     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
                 }
-                let _ = shutdown_tx.send(());
+                if let Some(tx) = &shutdown_tx {
+                    let _ = tx.send(());
+                }
                 return;
             }
             Err(_) => {
-                let _ = shutdown_tx.send(());
+                if let Some(tx) = &shutdown_tx {
+                    let _ = tx.send(());
+                }
                 return;
             }
             Ok(other) => crate::log(&format!("ignoring unexpected message {other:?}")),
@@ -365,16 +473,24 @@ fn spawn_control_reader(
     Ok(())
 }
 
+/// Ends both output streams of a process that will not run.
+fn end_streams(streams: Option<Streams>) {
+    if let Some(s) = streams {
+        end_stream(s.stdout);
+        end_stream(s.stderr);
+    }
+}
+
 /// Sends the end-of-stream frame on a stream that will carry nothing (more).
 fn end_stream(mut s: UnixStream) {
     let _ = proto::write_frame(&mut s, &[]);
 }
 
-fn send(control: &mut UnixStream, msg: &Message) -> Result<(), String> {
+pub fn send(control: &mut UnixStream, msg: &Message) -> Result<(), String> {
     proto::send(control, msg).map_err(|e| e.to_string())
 }
 
-fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
+pub fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
     fd.try_clone().map_err(|e| format!("dup: {e}"))
 }
 

@@ -1,0 +1,203 @@
+//! `microvm create`: a container made from an image (or a `--rootfs` directory) and flags,
+//! stored but not started. `run` uses the same flags and the same checks: all bad input fails
+//! here, before anything exists.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::vm_args::VmArgs;
+use super::{error_line, EXIT_MICROVM_ERROR};
+use crate::backend::{self, Hypervisor};
+use crate::container::{
+    self, config::parse_signal, launch::check_slots, Container, ContainerConfig, ProcessConfig,
+    RootSource,
+};
+use crate::volumes;
+
+/// The flags that make a container (`create`, and `run` on top of them).
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name of the container (unique; generated when not given).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The image argument is a directory to use as the container's root (copied into the VM at
+    /// each start; nothing written inside is kept) instead of an image.
+    #[arg(long)]
+    pub rootfs: bool,
+    /// Keep stdin open and relay it to the process.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the process a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (KEY=VALUE, or KEY to take it from here).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid (from the container's /etc/passwd).
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Hostname inside the VM.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Backend: auto (kvm where it boots the guest at full speed), kvm, or qemu (emulated).
+    #[arg(long, value_enum, env = "MICROVM_HYPERVISOR", default_value = "auto")]
+    pub hypervisor: Hypervisor,
+    /// Kernel, vCPUs, memory, timeout.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Mount a host directory or file: /HOST/PATH:/CONTAINER/PATH[:ro|rw]. The host path must
+    /// exist.
+    #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    pub volume: Vec<String>,
+    /// Mount a host directory or file, docker's way: type=bind,source=/HOST,target=/CONTAINER
+    /// [,readonly].
+    #[arg(long, value_name = "type=bind,source=...,target=...")]
+    pub mount: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Signal that `stop` sends first [default: the image's StopSignal, else SIGTERM].
+    #[arg(long, value_name = "SIGNAL")]
+    pub stop_signal: Option<String>,
+    /// Remove the container (and its sandbox layer) when its process exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// IMAGE: a stored name or a transport reference such as oci:DIR:TAG (or, with --rootfs, a
+    /// directory).
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// The command and its arguments (replacing the image's Cmd).
+    #[arg(
+        value_name = "COMMAND",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
+}
+
+/// Runs `microvm create`: prints the new container's id.
+pub fn create(args: CreateArgs) -> i32 {
+    match make(args) {
+        Ok(c) => {
+            println!("{}", c.config.id);
+            0
+        }
+        Err(e) => {
+            error_line(e);
+            EXIT_MICROVM_ERROR
+        }
+    }
+}
+
+/// Checks the flags, resolves the image and the process, and stores the container.
+pub fn make(args: CreateArgs) -> Result<Container, String> {
+    args.vm.timeout()?;
+    args.vm.check_cpus()?;
+    let volumes = volumes::parse_all(&args.volume, &args.mount).map_err(|e| e.to_string())?;
+    let mut env = Vec::new();
+    for e in args.env {
+        match e.split_once('=') {
+            Some(_) => env.push(e),
+            // docker: `-e KEY` passes the host's value, and nothing if it is unset.
+            None => env.extend(std::env::var(&e).ok().map(|v| format!("{e}={v}"))),
+        }
+    }
+    for file in &args.env_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("--env-file {}: {e}", file.display()))?;
+        env.extend(container::parse_env_file(&text, |k| std::env::var(k).ok()));
+    }
+    let overrides = container::Overrides {
+        entrypoint: args.entrypoint,
+        cmd: args.command,
+        env,
+        workdir: args.workdir,
+        user: args.user,
+    };
+    let hypervisor = backend::choose(args.hypervisor)?;
+    let kernel = args.vm.kernel()?;
+    // A later `start` may run from another directory.
+    let kernel = kernel.canonicalize().unwrap_or(kernel);
+    check_slots(hypervisor, volumes.len(), !args.rootfs)?;
+    let given_stop_signal = args.stop_signal.as_deref().map(parse_signal).transpose()?;
+
+    let (root, defaults, image_stop_signal) = if args.rootfs {
+        let dir = Path::new(&args.image);
+        if !dir.is_dir() {
+            return Err(format!("--rootfs {}: not a directory", args.image));
+        }
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| format!("--rootfs {}: {e}", args.image))?;
+        (
+            RootSource::Directory(dir),
+            container::ImageDefaults::default(),
+            None,
+        )
+    } else {
+        let store =
+            crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
+        let image = store.resolve(&args.image).map_err(|e| {
+            let hint = Path::new(&args.image).is_dir().then(|| {
+                format!(
+                    " ({0} is a directory: oci:{0} runs the OCI layout there, --rootfs {0} uses it as the root)",
+                    args.image
+                )
+            });
+            format!("{e}{}", hint.unwrap_or_default())
+        })?;
+        let c = image.config;
+        let stop = (!c.stop_signal.is_empty())
+            .then(|| parse_signal(&c.stop_signal))
+            .transpose()
+            .map_err(|e| format!("the image's StopSignal: {e}"))?;
+        let defaults = container::ImageDefaults {
+            entrypoint: c.entrypoint,
+            cmd: c.cmd,
+            env: c.env,
+            working_dir: c.working_dir,
+            user: c.user,
+        };
+        let root = RootSource::Image {
+            reference: image.name,
+            digest: image.digest,
+        };
+        (root, defaults, stop)
+    };
+    let process = container::process(&defaults, &overrides)?;
+    let stop_signal = given_stop_signal
+        .or(image_stop_signal)
+        .unwrap_or(libc::SIGTERM);
+    let store = container::containers().map_err(|e| e.to_string())?;
+    let made = store.create(args.name.as_deref(), |id, name| ContainerConfig {
+        id,
+        name,
+        created: container::state::now(),
+        root,
+        process: ProcessConfig {
+            argv: process.argv,
+            env: process.env,
+            cwd: process.cwd,
+            user: process.user,
+            tty: args.tty,
+            stdin: args.interactive,
+        },
+        hostname: args.hostname.unwrap_or_default(),
+        volumes,
+        hypervisor,
+        kernel,
+        cpus: args.vm.cpus,
+        memory_mib: args.vm.memory,
+        timeout: args.vm.timeout,
+        stop_signal,
+        auto_remove: args.rm,
+    });
+    made.map_err(|e| e.to_string())
+}

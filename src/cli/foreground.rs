@@ -1,0 +1,142 @@
+//! A container run in the foreground (`run` without `-d`, `start -a`): this process is its
+//! supervisor, with the user's terminal on the process's streams, host signals forwarded to
+//! the process (docker's --sig-proxy), and the process's exit status as ours.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use microvm_agent_protocol::Message;
+use nix::sys::signal::Signal;
+
+use super::{error_line, EXIT_MICROVM_ERROR};
+use crate::agent::{Control, HostIo};
+use crate::backend::Hypervisor;
+use crate::container::supervisor::{self, Streams};
+use crate::container::Container;
+use crate::signals::HostSignals;
+
+/// The signals a foreground container gets from us.
+pub const FORWARDED: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// Blocks [`FORWARDED`]; call before any thread starts.
+pub fn block_signals() -> Result<HostSignals, String> {
+    HostSignals::block(&FORWARDED)
+}
+
+/// Prints the warning every emulated run gets.
+pub fn warn_if_emulated(c: &Container) {
+    if c.config.hypervisor == Hypervisor::Qemu {
+        error_line("warning: --hypervisor qemu emulates the guest (TCG), which is not a hardware isolation boundary");
+    }
+}
+
+/// Runs `c` to its end with the user's terminal attached; returns docker's exit status.
+pub fn run(c: &Container, signals: HostSignals, timings: bool) -> i32 {
+    warn_if_emulated(c);
+    let tty = c.config.process.tty;
+    let raw = tty.then(RawTerminal::enable).flatten();
+    let io = HostIo {
+        stdin: Box::new(std::io::stdin()),
+        stdout: Box::new(std::io::stdout()),
+        stderr: Box::new(std::io::stderr()),
+    };
+    let signals = Mutex::new(Some(signals));
+    let forward = |control: Control| {
+        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            forward_signals(signals, control);
+        }
+    };
+    let winsize = if tty { terminal_size() } else { None };
+    let ended = supervisor::supervise(
+        c,
+        Streams::Foreground(io),
+        winsize,
+        Box::new(|_| {}),
+        &forward,
+    );
+    drop(raw);
+    match ended {
+        Ok(ended) => {
+            if timings {
+                error_line(&ended.timings);
+            }
+            if let Some(e) = &ended.error {
+                error_line(e);
+                for l in &ended.details {
+                    eprintln!("{l}");
+                }
+            }
+            ended.code
+        }
+        Err(e) => {
+            error_line(e);
+            EXIT_MICROVM_ERROR
+        }
+    }
+}
+
+/// Forwards host signals to the process behind `control` from a thread of their own; a
+/// terminal resize becomes a resize of the process's terminal.
+pub fn forward_signals(signals: HostSignals, control: Control) {
+    std::thread::spawn(move || {
+        while let Some(sig) = signals.wait() {
+            if sig == libc::SIGWINCH {
+                if let Some((rows, cols)) = terminal_size() {
+                    control.send(&Message::Resize { rows, cols });
+                }
+            } else {
+                control.send(&Message::Signal { signal: sig });
+            }
+        }
+    });
+}
+
+/// The host terminal's size, if stdin is one.
+pub fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which is valid for writes.
+    let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// The host terminal in raw mode while a `-t` process owns it; restored on drop.
+pub struct RawTerminal(nix::sys::termios::Termios);
+
+impl RawTerminal {
+    /// Puts the terminal on stdin in raw mode, if stdin is one.
+    pub fn enable() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.0,
+        );
+    }
+}

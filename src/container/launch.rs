@@ -1,0 +1,436 @@
+//! One run of a container: its VM plan made from the container's record (layers as read-only
+//! disks, its own sandbox layer, volumes, vsock), the VM started on the chosen backend, the
+//! agent session driven to the process's end, and how it ended. Callers (a foreground `run`, a
+//! detached supervisor) decide where the streams go and what to do with the end.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use microvm_agent_protocol::{self as proto, MountSpec, RootSpec, RunSpec, StartFailure};
+
+use super::config::RootSource;
+use super::store::Container;
+use crate::agent::{self, Control, HostIo, Listener, Outcome, Session};
+use crate::backend::{self, Hypervisor, RunningVm, Stopper, VmEnd};
+use crate::plan::{Console, DiskPlan, FsPlan, VmPlan, VsockPlan, GUEST_CID};
+use crate::volumes::{self, Kind, Volume};
+
+/// Kernel options every run uses: console on COM1 (kept for crash reports), quiet, and no
+/// reboot loop on panic: the VM ends and the host reports the crash.
+const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// Console lines shown when the guest crashes.
+const CONSOLE_TAIL: usize = 20;
+/// Serial of the scratch disk (the container's sandbox layer).
+const SCRATCH_SERIAL: &str = "scratch";
+/// Exit status when microvm itself fails (docker's convention).
+pub const EXIT_MICROVM_ERROR: i32 = 125;
+/// Exit status when the guest outlived `--timeout` (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// Hears of a run's progress, to act on it from other threads (signals, `stop`, state).
+pub trait Observer: Sync {
+    /// The VM runs; `stopper` ends it without the guest's say.
+    fn vm_started(&self, _stopper: Stopper) {}
+    /// The agent has the process spec; `control` reaches it (signals, resizes).
+    fn session_ready(&self, _control: Control) {}
+    /// The process runs, as `pid` in the guest.
+    fn process_started(&self, _pid: i32) {}
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Docker's exit status: the process's own, 126/127 when it could not start, 124 after
+    /// `--timeout`, 125 when microvm failed.
+    pub code: i32,
+    /// `code` is the process's own exit status.
+    pub process_exited: bool,
+    /// What microvm has to say about it (one line), when it ended other than by itself.
+    pub error: Option<String>,
+    /// Further lines that explain `error` (the guest console's last lines after a crash).
+    pub details: Vec<String>,
+    /// When each phase ended, for `--timings`.
+    pub timings: String,
+}
+
+/// A run with everything resolved and its run directory made.
+pub struct Launch {
+    hypervisor: Hypervisor,
+    plan: VmPlan,
+    spec: RunSpec,
+    /// Volumes, one virtiofsd each, in the order of `plan.shares`.
+    volumes: Vec<Volume>,
+    run_dir: RunDir,
+    t_root: Duration,
+    /// Keeps the image's layer images from `microvm prune` while the VM runs.
+    _lease: Option<crate::image::LayerLease>,
+}
+
+/// The per-run directory (sockets, console log, initrd parts), removed at the end.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The virtio-fs tag of volume `i`.
+fn share_tag(i: usize) -> String {
+    format!("microvm{i}")
+}
+
+/// Device slots a backend has for virtio devices.
+pub fn device_slots(h: Hypervisor) -> usize {
+    match h {
+        Hypervisor::Qemu => backend::qemu::TRANSPORTS,
+        _ => crate::vmm::virtio::MAX_DEVICES as usize,
+    }
+}
+
+/// Checks that `volumes` volumes fit the backend beside vsock and, for an image, the scratch
+/// disk and at least one layer; before anything is created.
+pub fn check_slots(h: Hypervisor, volumes: usize, image: bool) -> Result<(), String> {
+    let slots = device_slots(h);
+    let fixed = if image { 3 } else { 1 };
+    if volumes + fixed > slots {
+        return Err(format!(
+            "{volumes} volumes are more than this backend can attach (at most {})",
+            slots - fixed
+        ));
+    }
+    Ok(())
+}
+
+impl Launch {
+    /// Plans a run of `c`: its image's layers (converted on first use) under its sandbox layer
+    /// (made on its first start, kept after), or its `--rootfs` directory packed afresh.
+    pub fn prepare(c: &Container, winsize: Option<(u16, u16)>) -> Result<Launch, String> {
+        let cfg = &c.config;
+        let hypervisor = cfg.hypervisor;
+        let image = matches!(cfg.root, RootSource::Image { .. });
+        check_slots(hypervisor, cfg.volumes.len(), image)?;
+        let run_dir = new_run_dir()?;
+        let base = crate::initramfs::base()
+            .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
+        let mut initrd = vec![base];
+        let mut disks = Vec::new();
+        let (root, lease) = match &cfg.root {
+            RootSource::Directory(dir) => {
+                if !dir.is_dir() {
+                    return Err(format!("--rootfs {}: not a directory", dir.display()));
+                }
+                initrd.push(pack_rootfs(dir, &run_dir.0, cfg.memory_mib)?);
+                (None, None)
+            }
+            RootSource::Image { reference, digest } => {
+                // Device slots left for layers once vsock, the scratch disk and the volumes
+                // have theirs.
+                let max_layers = device_slots(hypervisor).saturating_sub(2 + cfg.volumes.len());
+                let (root, lease) =
+                    image_root(reference, digest, &c.scratch(), max_layers, &mut disks)?;
+                (Some(root), Some(lease))
+            }
+        };
+        let t_root = crate::timing::since_start();
+        let p = &cfg.process;
+        let spec = RunSpec {
+            argv: p.argv.clone(),
+            env: p.env.clone(),
+            cwd: p.cwd.clone(),
+            user: p.user.clone(),
+            hostname: cfg.hostname.clone(),
+            tty: p.tty,
+            stdin: p.stdin,
+            winsize: if p.tty { winsize } else { None },
+            root,
+            mounts: cfg
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| MountSpec {
+                    tag: share_tag(i),
+                    target: v.target.clone(),
+                    read_only: v.read_only,
+                    file: v.kind == Kind::File,
+                })
+                .collect(),
+        };
+        let shares = (0..cfg.volumes.len())
+            .map(|i| FsPlan {
+                tag: share_tag(i),
+                socket: run_dir.0.join(format!("fs{i}.sock")),
+            })
+            .collect();
+        let cmdline = format!(
+            "{BASE_CMDLINE} {} {}",
+            proto::cmdline_args(proto::DEFAULT_PORT),
+            backend::cmdline_extra(hypervisor)
+        );
+        let plan = VmPlan {
+            kernel: cfg.kernel.clone(),
+            initrd,
+            cmdline,
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            timeout: cfg.timeout.map(Duration::from_secs_f64),
+            console: Console::File(run_dir.0.join("console.log")),
+            vsock: Some(VsockPlan {
+                guest_cid: GUEST_CID,
+                uds_path: run_dir.0.join("vsock.sock"),
+            }),
+            disks,
+            shares,
+        };
+        Ok(Launch {
+            hypervisor,
+            plan,
+            spec,
+            volumes: cfg.volumes.clone(),
+            run_dir,
+            t_root,
+            _lease: lease,
+        })
+    }
+
+    /// The run's directory of sockets and console log (gone when the run ends).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir.0
+    }
+
+    /// Boots the VM, runs the process with its streams on `io`, and waits for its end. Call on
+    /// the thread that outlives the VM: helper processes are tied to it.
+    pub fn execute(self, io: HostIo, observer: &dyn Observer) -> Ended {
+        let fail = |msg: String| Ended {
+            code: EXIT_MICROVM_ERROR,
+            process_exited: false,
+            error: Some(msg),
+            details: Vec::new(),
+            timings: String::new(),
+        };
+        let vsock = self
+            .plan
+            .vsock
+            .as_ref()
+            .map(|v| v.uds_path.clone())
+            .unwrap_or_default();
+        let listener = match Listener::bind(&PathBuf::from(format!(
+            "{}_{}",
+            vsock.display(),
+            proto::DEFAULT_PORT
+        ))) {
+            Ok(l) => l,
+            Err(e) => return fail(e.to_string()),
+        };
+        let sockets: Vec<_> = self
+            .plan
+            .shares
+            .iter()
+            .map(|s| s.socket.as_path())
+            .collect();
+        let shares = match volumes::Shares::start(&self.volumes, &sockets, &self.run_dir.0) {
+            Ok(s) => s,
+            Err(e) => return fail(e.to_string()),
+        };
+        let t_plan = crate::timing::since_start();
+        let (vm, watch) = match RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0) {
+            Ok(started) => started,
+            Err(e) => return fail(e),
+        };
+        observer.vm_started(vm.stopper());
+        // A volume server that dies ends the VM with its reason, never a hung file request.
+        let share_failure = Arc::new(Mutex::new(None::<String>));
+        let shares = {
+            let (failure, stopper) = (share_failure.clone(), vm.stopper());
+            shares.watch(move |why| {
+                failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(why);
+                stopper.stop();
+            })
+        };
+        let t_vm = crate::timing::since_start();
+        let mut t_ready = None;
+        let mut t_process = agent::ProcessTimes::default();
+        let outcome =
+            Session::start(&listener, &watch, self.spec.clone(), io).and_then(|session| {
+                t_ready = Some(crate::timing::since_start());
+                observer.session_ready(session.control());
+                let (outcome, times) =
+                    session.finish_observed(&watch, &mut |pid| observer.process_started(pid))?;
+                t_process = times;
+                Ok(outcome)
+            });
+        if outcome.is_err() {
+            vm.stop();
+        }
+        let end = vm.wait(Duration::from_secs(10));
+        shares.finish();
+        let ms = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| {
+                format!("{:.1} ms", d.as_secs_f64() * 1e3)
+            })
+        };
+        let timings = format!(
+            "timings since start: image {}, plan {}, VM started {}, agent ready {}, process started {}, process ended {}, exit {}",
+            ms(Some(self.t_root)),
+            ms(Some(t_plan)),
+            ms(Some(t_vm)),
+            ms(t_ready),
+            ms(t_process.started),
+            ms(t_process.ended),
+            ms(Some(crate::timing::since_start()))
+        );
+        let ended = |code, error: Option<String>, process_exited| Ended {
+            code,
+            process_exited,
+            error,
+            details: Vec::new(),
+            timings: timings.clone(),
+        };
+        // A volume server's failure explains a run that ended without the command's status.
+        let share_failure = share_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Err(_), Some(why)) = (&outcome, share_failure) {
+            return ended(EXIT_MICROVM_ERROR, Some(why), false);
+        }
+        match (outcome, end) {
+            (_, Ok(VmEnd::TimedOut)) => {
+                let secs = self.plan.timeout.map_or(0.0, |t| t.as_secs_f64());
+                ended(
+                    EXIT_TIMEOUT,
+                    Some(format!(
+                        "the guest was still running after {secs} s (--timeout); stopped it"
+                    )),
+                    false,
+                )
+            }
+            (Ok(Outcome::Exited(status)), _) => ended(status.as_shell_code(), None, true),
+            (Ok(Outcome::StartFailed { kind, message }), _) => {
+                let code = match kind {
+                    StartFailure::NotFound => 127,
+                    StartFailure::NotExecutable => 126,
+                    StartFailure::Other => EXIT_MICROVM_ERROR,
+                };
+                ended(code, Some(message), false)
+            }
+            (Err(agent::Error::GuestEnded), end) => {
+                let why = match end {
+                    Err(e) => format!(": {e}"),
+                    Ok(_) => String::new(),
+                };
+                let console =
+                    std::fs::read_to_string(self.run_dir.0.join("console.log")).unwrap_or_default();
+                let lines: Vec<&str> = console.lines().collect();
+                let mut e = ended(
+                    EXIT_MICROVM_ERROR,
+                    Some(format!("the guest crashed before the command's exit status arrived{why}; last console lines:")),
+                    false,
+                );
+                e.details = lines[lines.len().saturating_sub(CONSOLE_TAIL)..]
+                    .iter()
+                    .map(|l| format!("  {l}"))
+                    .collect();
+                e
+            }
+            (Err(e), _) => ended(EXIT_MICROVM_ERROR, Some(e.to_string()), false),
+        }
+    }
+}
+
+/// The image's layers as read-only disks (converted on first use) and the container's sandbox
+/// layer, made from the template on its first start and kept after; the root to assemble and
+/// the lease that keeps the layer images from pruning.
+fn image_root(
+    reference: &str,
+    digest: &str,
+    scratch: &Path,
+    max_layers: usize,
+    disks: &mut Vec<DiskPlan>,
+) -> Result<(RootSpec, crate::image::LayerLease), String> {
+    let store = crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
+    let image = store.resolve(digest).map_err(|_| {
+        format!("the container's image {reference} ({digest}) is no longer in the image store: load it again, or remove the container")
+    })?;
+    let lease = store
+        .lease_layer_images_at_most(&image, max_layers)
+        .map_err(|e| e.to_string())?;
+    let mut serials = Vec::with_capacity(lease.paths().len());
+    for (i, path) in lease.paths().iter().enumerate() {
+        let serial = format!("layer{i}");
+        disks.push(DiskPlan {
+            path: path.clone(),
+            read_only: true,
+            serial: serial.clone(),
+        });
+        serials.push(serial);
+    }
+    if !scratch.exists() {
+        let tmp = scratch.with_extension("img.tmp");
+        crate::scratch::create(&tmp)
+            .and_then(|()| std::fs::rename(&tmp, scratch))
+            .map_err(|e| format!("cannot make the sandbox layer {}: {e}", scratch.display()))?;
+    }
+    disks.push(DiskPlan {
+        path: scratch.to_owned(),
+        read_only: false,
+        serial: SCRATCH_SERIAL.into(),
+    });
+    let root = RootSpec {
+        layers: serials,
+        scratch: SCRATCH_SERIAL.into(),
+    };
+    Ok((root, lease))
+}
+
+/// Packs a `--rootfs` directory as an initramfs archive in `run_dir`. The guest holds the archive
+/// and its unpacked copy in RAM at once, so a tree over half of `memory_mib` cannot work: say so
+/// before reading it all (`--rootfs /` must not read the host's disk into memory).
+fn pack_rootfs(dir: &Path, run_dir: &Path, memory_mib: u64) -> Result<PathBuf, String> {
+    let archive = run_dir.join("rootfs.cpio");
+    crate::initramfs::tree(dir, &archive, (memory_mib << 20) / 2).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => format!(
+            "--rootfs {}: {e}, too much for a VM of {memory_mib} MiB (the tree is copied into its RAM): raise --memory, or run it as an image",
+            dir.display()
+        ),
+        _ => format!("cannot pack --rootfs {}: {e}", dir.display()),
+    })?;
+    Ok(archive)
+}
+
+/// A fresh per-run directory named `<pid>-<nonce>`; directories left by runs that were killed
+/// (their pid is gone) are removed on the way.
+fn new_run_dir() -> Result<RunDir, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = crate::host::runtime_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(p, _)| p.parse::<i32>().ok());
+        if pid.is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err())
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = parent.join(format!("{}-{nanos:08x}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(RunDir(dir))
+}

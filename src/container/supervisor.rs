@@ -1,0 +1,492 @@
+//! A container's supervisor: the one process that owns a run of the container (its VM, the VM's
+//! helpers, its control socket, its log) and records its state. It is microvm itself: either
+//! the foreground `run`/`start -a` process, or a detached copy of microvm (`microvm supervise`,
+//! its own session, no terminal, its messages in `supervisor.log`) that outlives the command that
+//! started it. It holds the container's supervisor lock for as long as it lives, so a killed
+//! supervisor is seen at once (see [`Container::state`]).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use microvm_agent_protocol::Message;
+use serde::{Deserialize, Serialize};
+
+use super::control::{self, Reply, Request};
+use super::error::Error;
+use super::launch::{Ended, Launch, Observer, EXIT_MICROVM_ERROR};
+use super::logs::{self, LogWriter};
+use super::state::{now, State, Status};
+use super::store::{Container, SUPERVISOR_LOG};
+use crate::agent::{Control, HostIo};
+use crate::backend::Stopper;
+
+/// Environment variable naming the descriptor a detached supervisor reports its start on.
+const READY_FD_ENV: &str = "MICROVM_READY_FD";
+/// How long `stop` waits after SIGKILL before it powers the VM off.
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
+/// How a start went, as the supervisor tells the command that started it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Started {
+    /// The process runs.
+    Running,
+    /// It did not start (or ended before it was reported): docker's status and why.
+    Failed {
+        /// Exit status for the command (125, 126, 127, ...).
+        code: i32,
+        /// One line (more lines follow, for a crashed guest).
+        message: String,
+    },
+}
+
+/// Where the process's streams go besides the log.
+pub enum Streams {
+    /// The user's terminal (foreground run): stdin relayed, output shown and logged.
+    Foreground(HostIo),
+    /// Nowhere but the log (a detached supervisor).
+    Detached,
+}
+
+/// Hears once how the start went.
+pub type ReadyFn = Box<dyn FnOnce(Started) + Send>;
+
+/// What the supervisor shares with the threads acting on the run.
+struct Live {
+    container: Container,
+    stopper: Mutex<Option<Stopper>>,
+    control: Mutex<Option<Control>>,
+    ended: AtomicBool,
+    /// `stop` had to power the VM off: the run ended by SIGKILL, not by a crash.
+    forced: AtomicBool,
+    state: Mutex<State>,
+    ready: Mutex<Option<ReadyFn>>,
+}
+
+impl Live {
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s);
+        if let Err(e) = self.container.write_state(&s) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn report(&self, started: Started) {
+        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(ready) = ready {
+            ready(started);
+        }
+    }
+
+    fn control(&self) -> Option<Control> {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Powers the VM off now, or as soon as it has started.
+    fn stop_vm(&self) {
+        self.forced.store(true, Ordering::SeqCst);
+        if let Some(s) = &*self.stopper.lock().unwrap_or_else(|e| e.into_inner()) {
+            s.stop();
+        }
+    }
+
+    /// Waits up to `d` for the run to end.
+    fn wait_end(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        while !self.ended.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    fn status(&self) -> Status {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).status
+    }
+
+    fn stopper(&self) -> Option<Stopper> {
+        self.stopper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// docker pause / unpause.
+    fn pause(&self, pause: bool) -> Reply {
+        let name = &self.container.config.name;
+        let (from, to) = match pause {
+            true => (Status::Running, Status::Paused),
+            false => (Status::Paused, Status::Running),
+        };
+        let status = self.status();
+        if status != from {
+            return Reply::Error(match (pause, status) {
+                (true, Status::Paused) => format!("container {name} is already paused"),
+                (false, _) => format!("container {name} is not paused"),
+                _ => format!("container {name} is not running"),
+            });
+        }
+        let Some(stopper) = self.stopper() else {
+            return Reply::Error(format!("container {name} is not running"));
+        };
+        let done = if pause {
+            stopper.pause()
+        } else {
+            stopper.resume()
+        };
+        match done {
+            Ok(()) => {
+                self.update(|s| s.status = to);
+                Reply::Ok
+            }
+            Err(e) => Reply::Error(format!("container {name}: {e}")),
+        }
+    }
+
+    /// docker stop: the stop signal, SIGKILL after `timeout`, then the VM powered off. A paused
+    /// VM is resumed first, so that its process can take the signal.
+    fn stop(self: &Arc<Self>, timeout: Duration) {
+        if self.status() == Status::Paused {
+            if let Some(s) = self.stopper() {
+                let _ = s.resume();
+            }
+            self.update(|s| s.status = Status::Running);
+        }
+        self.update(|s| s.stopping = true);
+        let live = self.clone();
+        std::thread::spawn(move || {
+            let Some(control) = live.control() else {
+                // Still booting: there is no process to ask.
+                live.stop_vm();
+                return;
+            };
+            let signal = live.container.config.stop_signal;
+            control.send(&Message::Signal { signal });
+            if live.wait_end(timeout) {
+                return;
+            }
+            control.send(&Message::Signal {
+                signal: libc::SIGKILL,
+            });
+            if !live.wait_end(KILL_GRACE) {
+                live.stop_vm();
+            }
+        });
+    }
+
+    fn handle(self: &Arc<Self>, req: Request) -> Reply {
+        if self.ended.load(Ordering::SeqCst) {
+            return Reply::Error(format!(
+                "container {} is not running",
+                self.container.config.name
+            ));
+        }
+        match req {
+            Request::Stop { timeout } if timeout.is_finite() && timeout >= 0.0 => {
+                self.stop(Duration::from_secs_f64(timeout.min(1e6)));
+                Reply::Ok
+            }
+            Request::Stop { timeout } => Reply::Error(format!("invalid stop timeout {timeout}")),
+            Request::Kill { signal } if (1..=64).contains(&signal) => match self.control() {
+                Some(control) => {
+                    control.send(&Message::Signal { signal });
+                    Reply::Ok
+                }
+                None if signal == libc::SIGKILL => {
+                    self.stop_vm();
+                    Reply::Ok
+                }
+                None => Reply::Error(format!(
+                    "container {} is still starting: its process cannot take signal {signal} yet",
+                    self.container.config.name
+                )),
+            },
+            Request::Kill { signal } => Reply::Error(format!("invalid signal {signal}")),
+            Request::Pause => self.pause(true),
+            Request::Unpause => self.pause(false),
+        }
+    }
+}
+
+impl Observer for Arc<Live> {
+    fn vm_started(&self, stopper: Stopper) {
+        *self.stopper.lock().unwrap_or_else(|e| e.into_inner()) = Some(stopper.clone());
+        // A `stop` that came while the VM was being built takes effect now (set before the
+        // stopper was looked at there, read after it was stored here: one of us stops it).
+        if self.forced.load(Ordering::SeqCst) {
+            stopper.stop();
+        }
+    }
+
+    fn session_ready(&self, control: Control) {
+        *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+    }
+
+    fn process_started(&self, pid: i32) {
+        self.update(|s| {
+            s.status = Status::Running;
+            s.guest_pid = Some(pid);
+        });
+        self.report(Started::Running);
+    }
+}
+
+/// A writer that copies into the log and then to the user.
+struct Tee<W: Write> {
+    log: logs::LogSink,
+    user: W,
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.user.write(buf)?;
+        self.log.write_all(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.user.flush()
+    }
+}
+
+/// Runs a container to its end in this process: takes the supervisor lock, serves the control
+/// socket, boots the VM, relays the streams into the log (and to the user in the foreground),
+/// records the state at each step, and removes the container at the end under `--rm`.
+/// `ready` hears once whether the process started. `on_control` gets the agent's control
+/// handle (the foreground run forwards signals and resizes through it).
+pub fn supervise(
+    c: &Container,
+    streams: Streams,
+    winsize: Option<(u16, u16)>,
+    ready: ReadyFn,
+    on_control: &(dyn Fn(Control) + Sync),
+) -> Result<Ended, Error> {
+    let _lock = c.become_supervisor()?;
+    let server = control::Server::bind(c)?;
+    let log = LogWriter::open(c.dir()).map_err(|e| Error::Other(e.to_string()))?;
+    let mut state = c.state()?;
+    state.status = Status::Created;
+    state.exit_code = None;
+    state.error = None;
+    state.finished_at = None;
+    state.guest_pid = None;
+    state.stopping = false;
+    state.started_at = Some(now());
+    state.supervisor_pid = Some(std::process::id());
+    let live = Arc::new(Live {
+        container: c.clone(),
+        stopper: Mutex::new(None),
+        control: Mutex::new(None),
+        ended: AtomicBool::new(false),
+        forced: AtomicBool::new(false),
+        state: Mutex::new(state),
+        ready: Mutex::new(Some(ready)),
+    });
+    let ended = match Launch::prepare(c, winsize) {
+        Ok(launch) => {
+            let run_dir = launch.run_dir().to_owned();
+            live.update(|s| s.run_dir = Some(run_dir));
+            {
+                let live = live.clone();
+                server.serve(move |req| live.handle(req))?;
+            }
+            let io = match streams {
+                Streams::Foreground(io) => HostIo {
+                    stdin: io.stdin,
+                    stdout: Box::new(Tee {
+                        log: log.sink(logs::Stream::Stdout),
+                        user: io.stdout,
+                    }),
+                    stderr: Box::new(Tee {
+                        log: log.sink(logs::Stream::Stderr),
+                        user: io.stderr,
+                    }),
+                },
+                Streams::Detached => HostIo {
+                    stdin: Box::new(std::io::empty()),
+                    stdout: Box::new(log.sink(logs::Stream::Stdout)),
+                    stderr: Box::new(log.sink(logs::Stream::Stderr)),
+                },
+            };
+            let observer = ForwardControl {
+                live: live.clone(),
+                on_control,
+            };
+            launch.execute(io, &observer)
+        }
+        Err(message) => Ended {
+            code: EXIT_MICROVM_ERROR,
+            process_exited: false,
+            error: Some(message),
+            details: Vec::new(),
+            timings: String::new(),
+        },
+    };
+    let mut ended = ended;
+    if live.forced.load(Ordering::SeqCst) && !ended.process_exited {
+        // `stop` powered the VM off: docker reports such a container as killed.
+        ended.code = 128 + libc::SIGKILL;
+        ended.error = None;
+        ended.details.clear();
+    }
+    live.ended.store(true, Ordering::SeqCst);
+    live.update(|s| {
+        s.status = Status::Exited;
+        s.exit_code = Some(ended.code);
+        s.finished_at = Some(now());
+        s.error = ended.error.clone();
+        s.run_dir = None;
+        s.guest_pid = None;
+    });
+    live.report(Started::Failed {
+        code: ended.code,
+        message: ended.error.clone().unwrap_or_else(|| {
+            format!(
+                "the process exited with status {} before it was reported running",
+                ended.code
+            )
+        }),
+    });
+    drop(server);
+    if c.config.auto_remove {
+        if let Err(e) = c.remove() {
+            tracing::warn!("--rm: {e}");
+        }
+    }
+    Ok(ended)
+}
+
+/// The supervisor's observer, also handing the control handle to the foreground caller.
+struct ForwardControl<'a> {
+    live: Arc<Live>,
+    on_control: &'a (dyn Fn(Control) + Sync),
+}
+
+impl Observer for ForwardControl<'_> {
+    fn vm_started(&self, stopper: Stopper) {
+        self.live.vm_started(stopper)
+    }
+
+    fn session_ready(&self, control: Control) {
+        (self.on_control)(control.clone());
+        self.live.session_ready(control)
+    }
+
+    fn process_started(&self, pid: i32) {
+        self.live.process_started(pid)
+    }
+}
+
+/// Starts a detached supervisor for `c` (a copy of microvm in its own session, stdio to its
+/// log) and waits until it says whether the process started. The caller holds the container's
+/// lock, so no other command starts it meanwhile.
+pub fn spawn_detached(c: &Container) -> Result<Started, Error> {
+    let exe = std::env::current_exe().map_err(Error::io("cannot find", "/proc/self/exe"))?;
+    let log_path = c.dir().join(SUPERVISOR_LOG);
+    let log = std::fs::File::create(&log_path).map_err(Error::io("cannot create", &log_path))?;
+    let log2 = log
+        .try_clone()
+        .map_err(Error::io("cannot duplicate", &log_path))?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("cannot make a pipe for", c.dir())(e.into()))?;
+    let write_raw = write_end.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(crate::host::data_dir())
+        .arg("supervise")
+        .arg(&c.config.id)
+        .env(READY_FD_ENV, "3")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    // SAFETY: runs in the forked child before exec, calling only setsid and dup2, which are
+    // async-signal-safe; `write_raw` is open in the child (inherited, closed on exec unless
+    // duplicated, which dup2 does onto fd 3 without CLOEXEC).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::dup2(write_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::Other(format!("cannot start the supervisor: {e}")))?;
+    drop(write_end);
+    drop(cmd);
+    let mut line = String::new();
+    let _ = BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
+    // The supervisor lives on in its own session; its parent (us) exits soon and leaves it to
+    // be reaped by init.
+    drop(child);
+    match serde_json::from_str::<Started>(&line) {
+        Ok(started) => Ok(started),
+        Err(_) => {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = text.lines().last().unwrap_or("no message").to_string();
+            Err(Error::Supervisor {
+                name: c.config.name.clone(),
+                why: format!("ended before the container started: {last}"),
+            })
+        }
+    }
+}
+
+/// The body of `microvm supervise ID`: the detached supervisor. Reports its start on the
+/// descriptor the starter passed, then supervises until the process ends. SIGTERM and SIGINT
+/// (a shutting-down host) stop the container as `microvm stop` would.
+pub fn run_detached(c: &Container, signals: crate::signals::HostSignals) -> i32 {
+    let ready_fd = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|fd| *fd >= 3);
+    std::env::remove_var(READY_FD_ENV);
+    // SAFETY: the starter put the pipe's write end on this descriptor for us alone; nothing
+    // else in this process owns it.
+    let ready_pipe = ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let ready = Box::new(move |started: Started| {
+        if let Some(fd) = ready_pipe {
+            let mut f = std::fs::File::from(fd);
+            if let Ok(mut bytes) = serde_json::to_vec(&started) {
+                bytes.push(b'\n');
+                let _ = f.write_all(&bytes);
+            }
+        }
+    });
+    let name = c.config.name.clone();
+    let id = c.config.id.clone();
+    let stop_container = c.clone();
+    std::thread::spawn(move || {
+        while let Some(sig) = signals.wait() {
+            if sig == libc::SIGTERM || sig == libc::SIGINT {
+                let _ = control::request(&stop_container, &Request::Stop { timeout: 10.0 });
+            }
+        }
+    });
+    match supervise(c, Streams::Detached, None, ready, &|_| {}) {
+        Ok(ended) => {
+            if let Some(e) = &ended.error {
+                eprintln!("microvm: container {name} ({id}): {e}");
+                for l in &ended.details {
+                    eprintln!("{l}");
+                }
+            }
+            ended.code
+        }
+        Err(e) => {
+            eprintln!("microvm: container {name}: {e}");
+            EXIT_MICROVM_ERROR
+        }
+    }
+}
