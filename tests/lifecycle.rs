@@ -386,8 +386,11 @@ fn bad_lifecycle_input_is_one_line_and_125() {
             vec!["create", "--name", "bad name", "--kernel", k, &img],
             "invalid container name",
         ),
-        (vec!["run", "--rn", &img], "--rm"),
-        (vec!["run", "--hypervisr", "qemu", &img], "--hypervisor"),
+        (vec!["run", "--rn", &img], "unexpected argument '--rn'"),
+        (
+            vec!["run", "--hypervisr", "qemu", &img],
+            "unexpected argument '--hypervisr'",
+        ),
         (
             vec!["run", "--cpus", "0", "--kernel", k, &img],
             "--cpus must be between 1 and 32",
@@ -465,4 +468,250 @@ fn twenty_detached_containers_start_and_stop_together() {
     let mut args = vec!["rm"];
     args.extend(names.iter().map(String::as_str));
     assert_eq!(mv(&args).status.code(), Some(0));
+}
+
+#[test]
+fn exec_sees_the_containers_files_volumes_and_processes() {
+    let Some(k) = kernel_or_skip("exec_sees_the_containers_files_volumes_and_processes") else {
+        return;
+    };
+    let vol = temp_dir("lifecycle-exec-vol");
+    std::fs::write(vol.0.join("from-host"), "host data\n").unwrap();
+    let v = format!("{}:/data", vol.0.display());
+    run_detached(
+        &k,
+        "execs",
+        &["-v", &v, "-e", "FROM_RUN=1"],
+        "uname -r; echo written > /tmp/by-main; echo ready; while true; do busybox sleep 0.1; done",
+    );
+    wait_for_log("execs", "ready");
+    let main_kernel = text(&mv(&["logs", "execs"]).stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    // The container's files, its volume, its environment and user, the guest's kernel.
+    let o = mv(&[
+        "exec",
+        "-e",
+        "FROM_EXEC=2",
+        "execs",
+        "sh",
+        "-c",
+        "cat /tmp/by-main /data/from-host; echo $FROM_RUN$FROM_EXEC; id -u; pwd; uname -r",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let host_kernel = text(&Command::new("uname").arg("-r").output().unwrap().stdout)
+        .trim()
+        .to_string();
+    assert_eq!(
+        text(&o.stdout),
+        format!("written\nhost data\n12\n1000\n/work\n{main_kernel}\n")
+    );
+    assert_ne!(main_kernel, host_kernel, "exec ran on the host's kernel");
+    // Its processes: the container's shell is there.
+    let o = mv(&["exec", "execs", "busybox", "ps"]);
+    assert!(
+        text(&o.stdout).contains("while true"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = mv(&["top", "execs"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let top = text(&o.stdout);
+    assert!(
+        top.starts_with("UID") && top.contains("while true"),
+        "{top}"
+    );
+    // Exit codes, stdin, -u, -w, start failures; several at once.
+    assert_eq!(
+        mv(&["exec", "execs", "sh", "-c", "exit 7"]).status.code(),
+        Some(7)
+    );
+    assert_eq!(
+        mv(&["exec", "execs", "no-such-program"]).status.code(),
+        Some(127)
+    );
+    let o = mv(&[
+        "exec",
+        "-u",
+        "0",
+        "-w",
+        "/etc",
+        "execs",
+        "sh",
+        "-c",
+        "id -u; pwd",
+    ]);
+    assert_eq!(text(&o.stdout), "0\n/etc\n");
+    let mut child = cmd(&["exec", "-i", "execs", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data = pattern(300_000, 5);
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&data).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!((o.status.code(), o.stdout.len()), (Some(0), data.len()));
+    assert!(o.stdout == data, "exec -i changed the data");
+    let many: Vec<_> = (0..5)
+        .map(|i| {
+            std::thread::spawn(move || {
+                mv(&["exec", "execs", "sh", "-c", &format!("echo {i}; exit {i}")])
+            })
+        })
+        .collect();
+    for (i, h) in many.into_iter().enumerate() {
+        let o = h.join().unwrap();
+        assert_eq!(
+            (o.status.code(), text(&o.stdout)),
+            (Some(i as i32), format!("{i}\n"))
+        );
+    }
+    // -d returns at once and the process runs on in the VM.
+    let o = mv(&["exec", "-d", "execs", "sh", "-c", "echo detached > /tmp/d"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while text(&mv(&["exec", "execs", "cat", "/tmp/d"]).stdout) != "detached\n" {
+        assert!(Instant::now() < deadline, "exec -d did not run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(mv(&["rm", "-f", "execs"]).status.code(), Some(0));
+    // On a stopped container: refused.
+    let o = mv(&["exec", "execs", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+}
+
+#[test]
+fn exec_with_a_terminal_from_a_pseudo_terminal() {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let Some(k) = kernel_or_skip("exec_with_a_terminal_from_a_pseudo_terminal") else {
+        return;
+    };
+    run_detached(
+        &k,
+        "ttyexec",
+        &[],
+        "echo ready; while true; do busybox sleep 1; done",
+    );
+    wait_for_log("ttyexec", "ready");
+    let (mut m, mut s) = (0, 0);
+    let ws = libc::winsize {
+        ws_row: 30,
+        ws_col: 90,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors into the given integers and reads `ws`.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors were just opened by openpty and are owned here alone.
+    let (mut master, slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s))
+    };
+    let mut c = cmd(&["exec", "-it", "ttyexec", "sh"]);
+    c.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and TIOCSCTTY are async-signal-safe: the child gets the terminal as its
+    // controlling terminal, as a shell would give it.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    drop(slave);
+    let mut seen = String::new();
+    let mut read_until = |master: &mut std::fs::File, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 4096];
+        while !seen.contains(want) {
+            assert!(
+                Instant::now() < deadline,
+                "waiting for {want:?}; got {seen:?}"
+            );
+            match master.read(&mut buf) {
+                Ok(0) => panic!("terminal closed before {want:?}; got {seen:?}"),
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("reading the terminal: {e}; got {seen:?}"),
+            }
+        }
+    };
+    read_until(&mut master, "$ ");
+    master
+        .write_all(b"tty; stty size; echo x-$((20+1))\r")
+        .unwrap();
+    read_until(&mut master, "x-21");
+    read_until(&mut master, "30 90");
+    assert!(seen.contains("/dev/pts/"), "{seen}");
+    master.write_all(b"exit 6\r").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(6));
+    assert_eq!(mv(&["rm", "-f", "ttyexec"]).status.code(), Some(0));
+}
+
+#[test]
+fn pause_stops_a_counter_that_unpause_resumes() {
+    let Some(k) = kernel_or_skip("pause_stops_a_counter_that_unpause_resumes") else {
+        return;
+    };
+    run_detached(
+        &k,
+        "counter",
+        &[],
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; busybox sleep 0.05; done",
+    );
+    let count = || -> u64 {
+        let o = mv(&["exec", "counter", "cat", "/tmp/n"]);
+        text(&o.stdout).trim().parse().unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() < 3 {
+        assert!(Instant::now() < deadline, "the counter never ran");
+    }
+    let before = count();
+    let o = mv(&["pause", "counter"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(ps_record("counter").unwrap()["State"], "paused");
+    assert!(ps_record("counter").unwrap()["Status"]
+        .as_str()
+        .unwrap()
+        .ends_with("(Paused)"));
+    let o = mv(&["exec", "counter", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o.stderr).contains("paused"), "{}", text(&o.stderr));
+    assert_eq!(mv(&["pause", "counter"]).status.code(), Some(125));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(mv(&["unpause", "counter"]).status.code(), Some(0));
+    // The first read after unpause sees at most a step or two more than before the pause: the
+    // guest did not run for those two seconds (about 30 steps at full speed).
+    let after = count();
+    assert!(
+        after <= before + 5,
+        "the counter ran while paused: {before} before, {after} after"
+    );
+    let later = {
+        std::thread::sleep(Duration::from_secs(1));
+        count()
+    };
+    assert!(
+        later > after,
+        "the counter did not resume: {after} then {later}"
+    );
+    assert_eq!(mv(&["unpause", "counter"]).status.code(), Some(125));
+    // A paused container still stops.
+    assert_eq!(mv(&["pause", "counter"]).status.code(), Some(0));
+    let o = mv(&["stop", "-t", "2", "counter"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(ps_record("counter").unwrap()["ExitCode"], 143);
+    assert_eq!(mv(&["rm", "counter"]).status.code(), Some(0));
 }

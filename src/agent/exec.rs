@@ -49,16 +49,35 @@ pub fn run(
     io: HostIo,
     on_control: impl FnOnce(Control),
 ) -> Result<Outcome, Error> {
-    let wants_stdin = spec.stdin;
-    let detach = spec.detach;
+    let (wants_stdin, detach) = (spec.stdin, spec.detach);
+    let first = Message::Exec {
+        version: proto::VERSION,
+        spec,
+    };
+    run_first(uds, first, wants_stdin, detach, io, on_control)
+}
+
+/// The running container's changes as a layer tar on `io`'s stdout (its processes stopped
+/// meanwhile when `pause`); the outcome says whether it is complete (exit 0).
+pub fn diff(uds: &Path, pause: bool, io: HostIo) -> Result<Outcome, Error> {
+    let first = Message::Commit {
+        version: proto::VERSION,
+        pause,
+    };
+    run_first(uds, first, false, false, io, |_| {})
+}
+
+/// Runs an exec-like job that `first` asks for.
+fn run_first(
+    uds: &Path,
+    first: Message,
+    wants_stdin: bool,
+    detach: bool,
+    io: HostIo,
+    on_control: impl FnOnce(Control),
+) -> Result<Outcome, Error> {
     let mut control = connect_guest(uds, proto::EXEC_PORT)?;
-    proto::send(
-        &mut control,
-        &Message::Exec {
-            version: proto::VERSION,
-            spec,
-        },
-    )?;
+    proto::send(&mut control, &first)?;
     let process = match proto::recv(&mut control)? {
         Message::ExecAccepted { process } => process,
         Message::StartFailed { kind, message } => {

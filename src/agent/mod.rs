@@ -170,6 +170,18 @@ impl Session {
         spec: RunSpec,
         io: HostIo,
     ) -> Result<Session, Error> {
+        let wants_stdin = spec.stdin;
+        Session::start_with(listener, watch, Message::Run(spec), wants_stdin, io)
+    }
+
+    /// [`Session::start`] with another first message (a [`Message::Diff`]).
+    pub fn start_with(
+        listener: &Listener,
+        watch: &VmWatch,
+        first: Message,
+        wants_stdin: bool,
+        io: HostIo,
+    ) -> Result<Session, Error> {
         let mut control = accept(listener, watch)?;
         match proto::recv(&mut control)? {
             Message::Hello { version } if version == proto::VERSION => {}
@@ -189,8 +201,7 @@ impl Session {
             "guest agent ready {:.1} ms after start",
             ready.as_secs_f64() * 1e3
         );
-        let wants_stdin = spec.stdin;
-        proto::send(&mut control, &Message::Run(spec))?;
+        proto::send(&mut control, &first)?;
 
         let (mut stdin_conn, mut stdout_conn, mut stderr_conn) = (None, None, None);
         for _ in 0..3 {

@@ -1,6 +1,8 @@
 //! The `microvm` command line: docker-style flags and exit codes.
 
+mod attach;
 mod boot;
+mod commit;
 mod create;
 mod exec;
 mod foreground;
@@ -54,6 +56,10 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Stop running containers: the stop signal, then SIGKILL after a grace period.
     Stop(stop::StopArgs),
+    /// Follow a running container's output and forward signals to it until it exits.
+    Attach(attach::AttachArgs),
+    /// Make a new image from a container's changes.
+    Commit(commit::CommitArgs),
     /// Run another process in a running container's VM.
     Exec(exec::ExecArgs),
     /// Show the processes running in a container's VM.
@@ -103,6 +109,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Logs(args) => logs::logs(args),
         Command::Stop(args) => stop::stop(args),
+        Command::Attach(args) => attach::attach(args),
+        Command::Commit(args) => commit::commit(args),
         Command::Exec(args) => exec::exec(args),
         Command::Top(args) => top::top(args),
         Command::Kill(args) => stop::kill(args),

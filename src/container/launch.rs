@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use microvm_agent_protocol::{self as proto, MountSpec, RootSpec, RunSpec, StartFailure};
+use microvm_agent_protocol::{self as proto, Message, MountSpec, RootSpec, RunSpec, StartFailure};
 
 use super::config::RootSource;
 use super::store::Container;
@@ -58,7 +58,9 @@ pub struct Ended {
 pub struct Launch {
     hypervisor: Hypervisor,
     plan: VmPlan,
-    spec: RunSpec,
+    /// What the agent is told first: run the process, or write the sandbox layer's diff.
+    first: Message,
+    wants_stdin: bool,
     /// Volumes, one virtiofsd each, in the order of `plan.shares`.
     volumes: Vec<Volume>,
     run_dir: RunDir,
@@ -186,11 +188,59 @@ impl Launch {
         Ok(Launch {
             hypervisor,
             plan,
-            spec,
+            wants_stdin: spec.stdin,
+            first: Message::Run(spec),
             volumes: cfg.volumes.clone(),
             run_dir,
             t_root,
             _lease: lease,
+        })
+    }
+
+    /// Plans a short VM that mounts `c`'s sandbox layer read-only and writes its changes as a
+    /// layer tar (`commit` of a container that is not running): nothing of the container runs.
+    pub fn diff(c: &Container) -> Result<Launch, String> {
+        let cfg = &c.config;
+        let run_dir = new_run_dir()?;
+        let base = crate::initramfs::base()
+            .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
+        let cmdline = format!(
+            "{BASE_CMDLINE} {} {}",
+            proto::cmdline_args(proto::DEFAULT_PORT),
+            backend::cmdline_extra(cfg.hypervisor)
+        );
+        let plan = VmPlan {
+            kernel: cfg.kernel.clone(),
+            initrd: vec![base],
+            cmdline,
+            cpus: 1,
+            memory_mib: cfg.memory_mib.min(512),
+            timeout: None,
+            console: Console::File(run_dir.0.join("console.log")),
+            vsock: Some(VsockPlan {
+                guest_cid: GUEST_CID,
+                uds_path: run_dir.0.join("vsock.sock"),
+            }),
+            // Writable for the kernel alone: a journal left by a VM that was powered off must
+            // be replayed before the read-only mount can read the layer.
+            disks: vec![DiskPlan {
+                path: c.scratch(),
+                read_only: false,
+                serial: SCRATCH_SERIAL.into(),
+            }],
+            shares: Vec::new(),
+        };
+        Ok(Launch {
+            hypervisor: cfg.hypervisor,
+            plan,
+            first: Message::Diff {
+                scratch: SCRATCH_SERIAL.into(),
+            },
+            wants_stdin: false,
+            volumes: Vec::new(),
+            run_dir,
+            t_root: crate::timing::since_start(),
+            _lease: None,
         })
     }
 
@@ -255,14 +305,15 @@ impl Launch {
         let mut t_ready = None;
         let mut t_process = agent::ProcessTimes::default();
         let outcome =
-            Session::start(&listener, &watch, self.spec.clone(), io).and_then(|session| {
-                t_ready = Some(crate::timing::since_start());
-                observer.session_ready(session.control());
-                let (outcome, times) =
-                    session.finish_observed(&watch, &mut |pid| observer.process_started(pid))?;
-                t_process = times;
-                Ok(outcome)
-            });
+            Session::start_with(&listener, &watch, self.first.clone(), self.wants_stdin, io)
+                .and_then(|session| {
+                    t_ready = Some(crate::timing::since_start());
+                    observer.session_ready(session.control());
+                    let (outcome, times) = session
+                        .finish_observed(&watch, &mut |pid| observer.process_started(pid))?;
+                    t_process = times;
+                    Ok(outcome)
+                });
         if outcome.is_err() {
             vm.stop();
         }

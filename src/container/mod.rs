@@ -5,6 +5,7 @@
 //! ([`logs`]), and docker's rules for the process ([`rules`]). Both CLIs call this module; it
 //! knows nothing of their flags.
 
+pub mod commit;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -91,6 +91,9 @@ pub enum Error {
     /// No image with that name is loaded.
     #[error("no image named {0:?}: load it first with `microvm load`, or see `microvm images`")]
     NotFound(String),
+    /// `rmi` of a name the store does not have.
+    #[error("no such image: {0} (see `microvm images`)")]
+    NoSuchImage(String),
     /// The tag asked for is not in the layout or archive, or none was given where several exist.
     #[error("{source_name}: {problem} (it has: {available})")]
     SelectImage {

@@ -17,6 +17,7 @@
 //! ([`oci_layout`]) or a docker archive ([`docker_archive`]); [`Store::load`] copies what the
 //! chosen image needs, and [`Store::layer_images`] converts its layers on first use.
 
+mod commit;
 mod digest;
 mod docker_archive;
 mod error;
@@ -30,6 +31,7 @@ pub mod reference;
 mod source;
 mod store;
 
+pub use commit::{check_name, parse_change, Change, CommitOptions};
 pub use digest::Digest;
 pub use error::Error;
 pub use layer_convert::{Compression, SQUASHFS_COMPRESSOR};

@@ -100,7 +100,7 @@ impl Store {
         &self.root
     }
 
-    fn blobs_dir(&self) -> PathBuf {
+    pub(super) fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs/sha256")
     }
 
@@ -118,7 +118,7 @@ impl Store {
         self.layers_dir().join(format!("{}.sqfs", d.hex()))
     }
 
-    fn gc_lock(&self, mode: Mode) -> Result<FileLock, Error> {
+    pub(super) fn gc_lock(&self, mode: Mode) -> Result<FileLock, Error> {
         lock::lock(&self.root.join("store.lock"), mode)
     }
 
@@ -287,7 +287,7 @@ impl Store {
     }
 
     /// Stores a small verified blob.
-    fn put_bytes(&self, bytes: &[u8], digest: &Digest) -> Result<(), Error> {
+    pub(super) fn put_bytes(&self, bytes: &[u8], digest: &Digest) -> Result<(), Error> {
         if fs::metadata(self.blob_path(digest)).is_ok_and(|m| m.len() == bytes.len() as u64) {
             return Ok(());
         }
@@ -297,7 +297,7 @@ impl Store {
 
     /// Copies a blob into the store through a temporary file, hashing as it goes; renamed into
     /// place only when digest (and size, if known) match. Returns its digest and size.
-    fn put_stream(
+    pub(super) fn put_stream(
         &self,
         reader: impl Read,
         expected: Option<&Digest>,
@@ -404,7 +404,7 @@ impl Store {
         Ok(hits)
     }
 
-    fn read_json_blob(&self, d: &Digest, what: &'static str) -> Result<Vec<u8>, Error> {
+    pub(super) fn read_json_blob(&self, d: &Digest, what: &'static str) -> Result<Vec<u8>, Error> {
         let path = self.blob_path(d);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -421,12 +421,12 @@ impl Store {
         Ok(bytes)
     }
 
-    fn read_manifest(&self, d: &Digest) -> Result<ImageManifest, Error> {
+    pub(super) fn read_manifest(&self, d: &Digest) -> Result<ImageManifest, Error> {
         parse_manifest(&self.read_json_blob(d, "manifest")?, d)
     }
 
     /// The stored image `name` whose manifest is `digest`.
-    fn image(&self, name: &str, digest: &Digest) -> Result<Image, Error> {
+    pub(super) fn image(&self, name: &str, digest: &Digest) -> Result<Image, Error> {
         let manifest = self.read_manifest(digest)?;
         let cfg_digest = Digest::parse(manifest.config().digest().as_ref())?;
         let config = parse_config(&self.read_json_blob(&cfg_digest, "config")?, &cfg_digest)?;
@@ -481,7 +481,7 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<String, Error> {
         let hits = self.find(name)?;
         let key = match hits.as_slice() {
-            [] => return Err(Error::NotFound(name.to_string())),
+            [] => return Err(Error::NoSuchImage(name.to_string())),
             [(n, _)] => n.clone(),
             many => {
                 let all: Vec<&str> = many.iter().map(|(n, _)| n.as_str()).collect();
@@ -496,7 +496,7 @@ impl Store {
             images
                 .remove(&key)
                 .map(|_| ())
-                .ok_or_else(|| Error::NotFound(key.clone()))
+                .ok_or_else(|| Error::NoSuchImage(key.clone()))
         })?;
         Ok(key)
     }
@@ -830,13 +830,13 @@ fn check_platform(config: &ImageConfiguration, d: &Digest) -> Result<(), Error> 
 }
 
 /// A temporary file that is removed unless persisted.
-struct TempFile {
-    path: PathBuf,
+pub(super) struct TempFile {
+    pub(super) path: PathBuf,
     keep: bool,
 }
 
 impl TempFile {
-    fn create(path: PathBuf) -> Result<TempFile, Error> {
+    pub(super) fn create(path: PathBuf) -> Result<TempFile, Error> {
         File::options()
             .write(true)
             .create_new(true)
@@ -845,14 +845,14 @@ impl TempFile {
         Ok(TempFile { path, keep: false })
     }
 
-    fn file(&self) -> Result<File, Error> {
+    pub(super) fn file(&self) -> Result<File, Error> {
         File::options()
             .write(true)
             .open(&self.path)
             .ctx(|| format!("opening {}", self.path.display()))
     }
 
-    fn persist(mut self, to: &Path) -> Result<(), Error> {
+    pub(super) fn persist(mut self, to: &Path) -> Result<(), Error> {
         fs::rename(&self.path, to)
             .ctx(|| format!("renaming {} to {}", self.path.display(), to.display()))?;
         self.keep = true;
@@ -915,7 +915,7 @@ pub(crate) fn unique() -> String {
     format!("{}-{n}-{t:08x}", std::process::id())
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -250,6 +250,21 @@ pub enum Message {
         /// Which stream.
         stream: Stream,
     },
+    /// Host -> agent, instead of [`Message::Run`]: write the changes on the sandbox layer
+    /// (the scratch disk with this serial, mounted read-only) as an OCI layer tar on the stdout
+    /// stream, errors on stderr, then report `Exited` (0: complete).
+    Diff {
+        /// Serial of the scratch disk.
+        scratch: String,
+    },
+    /// Host -> agent, first frame of a connection to [`EXEC_PORT`]: like [`Message::Diff`] for
+    /// the running container, answered like an exec (accepted, three streams, `Exited`).
+    Commit {
+        /// The host's protocol version.
+        version: u32,
+        /// Stop every process of the container (SIGSTOP) while the diff is taken.
+        pause: bool,
+    },
     /// Host -> agent, first frame of a connection to [`EXEC_PORT`]: list the processes.
     Top {
         /// The host's protocol version.

@@ -103,6 +103,7 @@ fn serve(mut conn: UnixStream, hostname: &str) {
     let version = match &first {
         Message::Exec { version, .. }
         | Message::ExecStream { version, .. }
+        | Message::Commit { version, .. }
         | Message::Top { version } => *version,
         _ => return,
     };
@@ -112,7 +113,8 @@ fn serve(mut conn: UnixStream, hostname: &str) {
         return;
     }
     match first {
-        Message::Exec { spec, .. } => exec(conn, &spec, hostname),
+        Message::Exec { spec, .. } => exec(conn, Job::Process(&spec), hostname),
+        Message::Commit { pause, .. } => exec(conn, Job::Diff { pause }, hostname),
         Message::ExecStream {
             process, stream, ..
         } => {
@@ -133,8 +135,41 @@ fn serve(mut conn: UnixStream, hostname: &str) {
     }
 }
 
-/// Serves one exec on its control connection `conn`.
-fn exec(mut conn: UnixStream, spec: &ExecSpec, hostname: &str) {
+/// What an exec connection runs.
+enum Job<'a> {
+    /// A process in the container.
+    Process(&'a ExecSpec),
+    /// The container's changes as a layer (`commit`), its processes stopped meanwhile if asked.
+    Diff { pause: bool },
+}
+
+/// Writes the diff (if `ready`) as frames on `stdout`, or the error on `stderr`; returns the
+/// exit code to report (0: the diff is complete).
+pub fn send_diff(ready: Result<(), String>, stdout: UnixStream, stderr: UnixStream) -> i32 {
+    let result = ready.and_then(|()| {
+        let mut w = crate::diff::FrameWriter::new(stdout);
+        crate::diff::write_diff(&mut w)?;
+        w.finish().map_err(|e| format!("sending the diff: {e}"))
+    });
+    let mut err = crate::diff::FrameWriter::new(stderr);
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::log(&format!("diff: {e}"));
+            let _ = std::io::Write::write_all(&mut err, e.as_bytes());
+            1
+        }
+    };
+    let _ = err.finish();
+    code
+}
+
+/// Serves one exec (or commit) on its control connection `conn`.
+fn exec(mut conn: UnixStream, job: Job, hostname: &str) {
+    let spec = match job {
+        Job::Process(spec) => spec,
+        Job::Diff { .. } => &ExecSpec::default(),
+    };
     let process = {
         let mut reg = registry();
         if reg.live >= proto::MAX_EXECS {
@@ -187,6 +222,28 @@ fn exec(mut conn: UnixStream, spec: &ExecSpec, hostname: &str) {
         return;
     };
     let _ = conn.set_read_timeout(None);
+    if let Job::Diff { pause } = job {
+        if proto::send(&mut conn, &Message::Started { pid: 1 }).is_err() {
+            return;
+        }
+        let Streams { stdout, stderr, .. } = streams;
+        // Every process but us (PID 1) stops; the diff sees one moment of the container.
+        if pause {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-1),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        let code = send_diff(Ok(()), stdout, stderr);
+        if pause {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-1),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        let _ = proto::send(&mut conn, &Message::Exited(proto::ExitStatus::Code(code)));
+        return;
+    }
     let (running, exit) = match process::start(&Proc::exec(spec, hostname), Some(streams), true) {
         Ok(r) => r,
         Err((kind, message)) => {

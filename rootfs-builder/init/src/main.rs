@@ -7,6 +7,7 @@
 //! a reset as the guest stopping). Any failure is printed on the console and ends the VM without
 //! an exit record, which the host reports as a guest crash.
 
+mod diff;
 mod exec;
 mod process;
 mod reaper;
@@ -59,6 +60,7 @@ fn run() -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let spec = match proto::recv(&mut control).map_err(|e| e.to_string())? {
         proto::Message::Run(spec) => spec,
+        proto::Message::Diff { scratch } => return diff_only(port, &scratch, &mut control),
         proto::Message::Refused { reason } => {
             return Err(format!("host refused the agent: {reason}"))
         }
@@ -94,6 +96,24 @@ fn run() -> Result<(), String> {
             log(&e);
         }
     })
+}
+
+/// A VM booted only to read a stopped container's changes: the diff on stdout, an error on
+/// stderr, `Exited` 0 when complete.
+fn diff_only(port: u32, scratch: &str, control: &mut UnixStream) -> Result<(), String> {
+    let mounted = root::mount_scratch_read_only(scratch);
+    let _stdin = open_stream(port, proto::Stream::Stdin)?;
+    let stdout = open_stream(port, proto::Stream::Stdout)?;
+    let stderr = open_stream(port, proto::Stream::Stderr)?;
+    let code = exec::send_diff(mounted, stdout, stderr);
+    proto::send(
+        control,
+        &proto::Message::Exited(proto::ExitStatus::Code(code)),
+    )
+    .map_err(|e| e.to_string())?;
+    // The host confirms before the VM goes.
+    let _ = proto::recv(control);
+    Ok(())
 }
 
 /// Connects to the host's listening port; retried briefly in case the vsock device is still

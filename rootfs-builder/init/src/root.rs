@@ -99,9 +99,36 @@ pub fn assemble(spec: &RootSpec) -> Result<PathBuf, String> {
         Some(options.as_str()),
     )
     .map_err(|e| format!("mount overlay root: {e}"))?;
+    // `commit` reads the container's changes from here after the chroot.
+    crate::diff::keep_upper(&upper)?;
 
     crate::system::mount_kernel_filesystems(&root)?;
     Ok(root)
+}
+
+/// Mounts the scratch disk with this serial read-only (a journal left by a VM that was powered
+/// off is replayed: the disk itself is writable) and keeps its upper directory for a diff.
+pub fn mount_scratch_read_only(serial: &str) -> Result<(), String> {
+    let disks = disks_by_serial()?;
+    let dev = disks
+        .get(serial)
+        .ok_or_else(|| format!("no disk with serial {serial:?}"))?;
+    let scratch = Path::new(BASE).join("scratch");
+    mkdir(&scratch)?;
+    mount(
+        Some(dev),
+        &scratch,
+        Some("ext4"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mount scratch disk read-only: {e}"))?;
+    let upper = scratch.join("upper");
+    if !upper.is_dir() {
+        // Never started: no changes.
+        return Err("the container has never run: it has no changes".into());
+    }
+    crate::diff::keep_upper(&upper)
 }
 
 /// Makes `root` the process's root directory (and working directory).
