@@ -13,6 +13,7 @@ mod pause;
 mod ps;
 mod rm;
 mod run;
+mod save;
 mod start;
 mod stop;
 mod table;
@@ -93,6 +94,8 @@ pub enum Command {
     Rmi(image::RmiArgs),
     /// Remove image data (blobs, converted layers) that no image uses.
     Prune,
+    /// Write images to an archive (docker-archive or oci-archive).
+    Save(save::SaveArgs),
 }
 
 /// Runs the parsed command; returns the process exit status.
@@ -128,6 +131,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Images(args) => image::images(args),
         Command::Rmi(args) => image::rmi(args),
         Command::Prune => image::prune(),
+        Command::Save(args) => save::save(args),
     }
 }
 

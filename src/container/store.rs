@@ -17,6 +17,10 @@ use super::names;
 use super::state::{State, Status};
 
 const NAMES: &str = ".names";
+/// Orders name claims.
+const NAMES_LOCK: &str = ".names.lock";
+/// A name whose container directory is missing for this long is stale.
+const STALE_NAME: Duration = Duration::from_secs(60);
 const CONFIG: &str = "config.json";
 const STATE: &str = "state.json";
 /// Serialises commands on one container.
@@ -97,6 +101,20 @@ impl Containers {
     }
 
     fn claim(&self, name: &str, id: &str) -> Result<(), Error> {
+        // One claimer at a time: a stale name is only ever reclaimed by one of them.
+        let lock_path = self.dir.join(NAMES_LOCK);
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(Error::io("cannot open", &lock_path))?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::io("cannot lock", &lock_path)(e.into()))?;
+        self.claim_locked(name, id)
+    }
+
+    fn claim_locked(&self, name: &str, id: &str) -> Result<(), Error> {
         let path = self.dir.join(NAMES).join(name);
         match std::fs::OpenOptions::new()
             .write(true)
@@ -108,10 +126,19 @@ impl Containers {
                 .map_err(Error::io("cannot write", &path)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                // A name whose container directory is gone (a crash mid-`rm`) is free again.
-                if !owner.is_empty() && !self.dir.join(&owner).is_dir() && is_id(&owner) {
+                // A name whose container is gone (a crash mid-`rm` or mid-`create`) is free
+                // again; a young one may belong to a `create` still writing its directory.
+                let old = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_NAME);
+                let gone = ["", ".tmp-", ".removing-"]
+                    .iter()
+                    .all(|p| !self.dir.join(format!("{p}{owner}")).exists());
+                if is_id(&owner) && gone && old {
                     std::fs::remove_file(&path).map_err(Error::io("cannot remove", &path))?;
-                    return self.claim(name, id);
+                    return self.claim_locked(name, id);
                 }
                 Err(Error::NameInUse {
                     name: name.to_string(),

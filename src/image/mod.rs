@@ -28,6 +28,7 @@ mod names;
 mod oci_layout;
 mod progress;
 pub mod reference;
+mod save;
 mod source;
 mod store;
 
@@ -35,6 +36,7 @@ pub use commit::{check_name, parse_change, Change, CommitOptions};
 pub use digest::Digest;
 pub use error::Error;
 pub use layer_convert::{Compression, SQUASHFS_COMPRESSOR};
+pub use save::SaveFormat;
 pub use store::{LayerLease, Store};
 
 /// What a container runs by default, from the image config.
