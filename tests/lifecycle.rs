@@ -42,6 +42,26 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Removes the named containers (`rm -f`) when dropped, so a failing test leaves no VM running.
+struct Cleanup(Vec<String>);
+
+impl Cleanup {
+    fn new(names: &[&str]) -> Cleanup {
+        Cleanup(names.iter().map(|n| n.to_string()).collect())
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mut args = vec!["rm", "-f"];
+        args.extend(self.0.iter().map(String::as_str));
+        let _ = cmd(&args)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
 /// `run -d --name NAME [flags] IMAGE CMD`: the printed id.
 fn run_detached(kernel: &Path, name: &str, flags: &[&str], script: &str) -> String {
     let k = kernel.to_str().unwrap();
@@ -114,6 +134,7 @@ fn run_detached_logs_follow_and_stop_with_the_process_status() {
     else {
         return;
     };
+    let _cleanup = Cleanup::new(&["web"]);
     let id = run_detached(
         &k,
         "web",
@@ -182,6 +203,7 @@ fn a_container_ignoring_sigterm_is_killed_after_the_grace_period() {
     else {
         return;
     };
+    let _cleanup = Cleanup::new(&["stubborn"]);
     run_detached(
         &k,
         "stubborn",
@@ -214,6 +236,7 @@ fn kill_sends_the_signal_and_rm_force_removes_a_running_container() {
     else {
         return;
     };
+    let _cleanup = Cleanup::new(&["signals"]);
     run_detached(
         &k,
         "signals",
@@ -241,6 +264,7 @@ fn a_killed_supervisor_shows_as_exited_and_rm_leaves_nothing() {
     else {
         return;
     };
+    let _cleanup = Cleanup::new(&["victim"]);
     let vol = temp_dir("lifecycle-vol");
     let v = format!("{}:/data", vol.0.display());
     let id = run_detached(
@@ -363,6 +387,7 @@ fn bad_lifecycle_input_is_one_line_and_125() {
     let Some(k) = kernel_or_skip("bad_lifecycle_input_is_one_line_and_125") else {
         return;
     };
+    let _cleanup = Cleanup::new(&["busy"]);
     let k = k.to_str().unwrap();
     let img = image();
     run_detached(
@@ -429,6 +454,7 @@ fn twenty_detached_containers_start_and_stop_together() {
     let k = k.to_str().unwrap().to_string();
     let n = 20;
     let names: Vec<String> = (0..n).map(|i| format!("many{i}")).collect();
+    let _cleanup = Cleanup(names.clone());
     let starts: Vec<_> = names
         .iter()
         .map(|name| {
@@ -475,6 +501,7 @@ fn exec_sees_the_containers_files_volumes_and_processes() {
     let Some(k) = kernel_or_skip("exec_sees_the_containers_files_volumes_and_processes") else {
         return;
     };
+    let _cleanup = Cleanup::new(&["execs"]);
     let vol = temp_dir("lifecycle-exec-vol");
     std::fs::write(vol.0.join("from-host"), "host data\n").unwrap();
     let v = format!("{}:/data", vol.0.display());
@@ -593,6 +620,7 @@ fn exec_with_a_terminal_from_a_pseudo_terminal() {
     let Some(k) = kernel_or_skip("exec_with_a_terminal_from_a_pseudo_terminal") else {
         return;
     };
+    let _cleanup = Cleanup::new(&["ttyexec"]);
     run_detached(
         &k,
         "ttyexec",
@@ -664,6 +692,7 @@ fn pause_stops_a_counter_that_unpause_resumes() {
     let Some(k) = kernel_or_skip("pause_stops_a_counter_that_unpause_resumes") else {
         return;
     };
+    let _cleanup = Cleanup::new(&["counter"]);
     run_detached(
         &k,
         "counter",
@@ -721,6 +750,7 @@ fn commit_keeps_exactly_the_containers_changes() {
     let Some(k) = kernel_or_skip("commit_keeps_exactly_the_containers_changes") else {
         return;
     };
+    let _cleanup = Cleanup::new(&["tocommit", "livecommit"]);
     let k = k.to_str().unwrap();
     let img = image();
     // Created, changed and deleted files, a directory replaced whole, a hard link, a symlink.

@@ -89,7 +89,9 @@ pub fn commit(
             }
         })
     };
-    let stored = store.commit(&base, reader, opts);
+    // The guest writes the stream: no diff of an 8 GiB sandbox layer is larger than twice
+    // that, and a stream that is cut there fails as a truncated tar.
+    let stored = store.commit(&base, reader.take(2 * crate::scratch::SIZE), opts);
     let finished = guest
         .join()
         .unwrap_or_else(|_| Err(Some("the diff relay panicked".into())));
