@@ -115,6 +115,17 @@ pub struct HostIo {
     pub stderr: Box<dyn Write + Send>,
 }
 
+impl HostIo {
+    /// This process's own standard streams.
+    pub fn terminal() -> HostIo {
+        HostIo {
+            stdin: Box::new(std::io::stdin()),
+            stdout: Box::new(std::io::stdout()),
+            stderr: Box::new(std::io::stderr()),
+        }
+    }
+}
+
 /// How the process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -79,11 +79,7 @@ pub fn exec(args: ExecArgs) -> i32 {
         },
     };
     let raw = tty.then(RawTerminal::enable).flatten();
-    let io = HostIo {
-        stdin: Box::new(std::io::stdin()),
-        stdout: Box::new(std::io::stdout()),
-        stderr: Box::new(std::io::stderr()),
-    };
+    let io = HostIo::terminal();
     let signals = Mutex::new(Some(signals));
     let outcome = container::exec::exec(&c, req, io, |control: Control| {
         if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {

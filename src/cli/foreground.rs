@@ -43,11 +43,7 @@ pub fn run(c: &Container, signals: HostSignals, timings: bool) -> i32 {
     warn_if_emulated(c);
     let tty = c.config.process.tty;
     let raw = tty.then(RawTerminal::enable).flatten();
-    let io = HostIo {
-        stdin: Box::new(std::io::stdin()),
-        stdout: Box::new(std::io::stdout()),
-        stderr: Box::new(std::io::stderr()),
-    };
+    let io = HostIo::terminal();
     let signals = Mutex::new(Some(signals));
     let forward = |control: Control| {
         if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {

@@ -102,15 +102,7 @@ impl Containers {
 
     fn claim(&self, name: &str, id: &str) -> Result<(), Error> {
         // One claimer at a time: a stale name is only ever reclaimed by one of them.
-        let lock_path = self.dir.join(NAMES_LOCK);
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(Error::io("cannot open", &lock_path))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| Error::io("cannot lock", &lock_path)(e.into()))?;
+        let _lock = lock_file(&self.dir.join(NAMES_LOCK), FlockArg::LockExclusive)?;
         self.claim_locked(name, id)
     }
 
@@ -253,27 +245,16 @@ impl Container {
 
     /// Takes the container's command lock, waiting for another command to finish with it.
     pub fn lock(&self) -> Result<Flock<File>, Error> {
-        let path = self.dir.join(LOCK);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Error::io("cannot open", &path))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| Error::io("cannot lock", &path)(e.into()))
+        lock_file(&self.dir.join(LOCK), FlockArg::LockExclusive)
     }
 
     /// Takes the supervisor lock for this process, for as long as the returned guard lives.
     pub fn become_supervisor(&self) -> Result<Flock<File>, Error> {
-        let path = self.dir.join(SUPERVISOR_LOCK);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(Error::io("cannot open", &path))?;
-        Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| Error::Busy {
+        lock_file(
+            &self.dir.join(SUPERVISOR_LOCK),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .map_err(|_| Error::Busy {
             name: self.config.name.clone(),
             state: "running",
             hint: "it already has a supervisor",
@@ -356,6 +337,17 @@ impl Container {
         }
         std::fs::remove_dir_all(&gone).map_err(Error::io("cannot remove", &gone))
     }
+}
+
+/// Opens (creating) the lock file `path` and takes `how` on it.
+fn lock_file(path: &Path, how: FlockArg) -> Result<Flock<File>, Error> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(Error::io("cannot open", path))?;
+    Flock::lock(file, how).map_err(|(_, e)| Error::io("cannot lock", path)(e.into()))
 }
 
 fn is_id(s: &str) -> bool {
