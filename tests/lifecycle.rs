@@ -243,6 +243,9 @@ fn kill_sends_the_signal_and_rm_force_removes_a_running_container() {
         &[],
         "trap 'echo got-usr1' USR1; echo ready; while true; do busybox sleep 0.1; done",
     );
+    // `run -d` returned: exec works at once (the agent listens before the process starts).
+    let o = mv(&["exec", "signals", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     wait_for_log("signals", "ready");
     let o = mv(&["kill", "-s", "USR1", "signals"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));

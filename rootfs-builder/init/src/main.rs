@@ -90,12 +90,12 @@ fn run() -> Result<(), String> {
     } else {
         spec.hostname.clone()
     };
-    process::run(&spec, streams, &mut control, move || {
-        // Without it exec and top fail, the container itself runs on.
-        if let Err(e) = exec::listen(hostname) {
-            log(&e);
-        }
-    })
+    // Listening before the process starts: the host may exec the moment it hears `Started`.
+    // Without it exec and top fail; the container itself runs on.
+    if let Err(e) = exec::listen(hostname) {
+        log(&e);
+    }
+    process::run(&spec, streams, &mut control)
 }
 
 /// A VM booted only to read a stopped container's changes: the diff on stdout, an error on

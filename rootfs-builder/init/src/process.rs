@@ -86,6 +86,9 @@ impl Proc {
     }
 }
 
+/// Where a watched process's exit status arrives.
+pub type ExitReceiver = mpsc::Receiver<proto::ExitStatus>;
+
 /// A started process.
 pub struct Running {
     /// Its pid.
@@ -108,14 +111,8 @@ impl Running {
 }
 
 /// Runs the container's process to its end and reports it on `control`, then waits for the
-/// host's go-ahead to power off. `on_started` runs once the process runs (the exec listener
-/// starts there).
-pub fn run(
-    spec: &RunSpec,
-    streams: Streams,
-    control: &mut UnixStream,
-    on_started: impl FnOnce(),
-) -> Result<(), String> {
+/// host's go-ahead to power off.
+pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result<(), String> {
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
     match start(&Proc::container(spec), Some(streams), false) {
         Err((kind, message)) => {
@@ -131,7 +128,6 @@ pub fn run(
                 Some((pid, running.master.as_ref().map(dup).transpose()?)),
                 Some(shutdown_tx),
             )?;
-            on_started();
             let status = reaper::reap_until(pid);
             // The container ends with its main process, as with docker: nothing may outlive
             // it and hold its output open (exec processes included).
@@ -261,7 +257,7 @@ pub fn start(
     spec: &Proc,
     streams: Option<Streams>,
     watched: bool,
-) -> Result<(Running, Option<mpsc::Receiver<proto::ExitStatus>>), (StartFailure, String)> {
+) -> Result<(Running, Option<ExitReceiver>), (StartFailure, String)> {
     let p = match prepare(spec) {
         Ok(p) => p,
         Err(e) => {
