@@ -96,6 +96,40 @@ fn main() {
     mv.timed(&["rm", "-f", "bench-exec"]);
 
     podman_exec(runs * 3, &dir);
+    commit_100mb(&mv, &image, &dir);
+}
+
+/// `commit` of 100 MB of changes (a stopped container: the diff comes from a short VM) beside
+/// `tar` of the same amount on the host, plain and through `gzip -1` (commit stores gzip).
+fn commit_100mb(mv: &Mv, image: &str, dir: &Path) {
+    let script = "busybox dd if=/dev/urandom of=/big bs=1M count=100 2>/dev/null; busybox sync";
+    mv.timed(&["run", "-u", "0", "--name", "bench-commit", image, script]);
+    let commit = mv.timed(&["commit", "bench-commit", "bench:committed"]);
+    mv.timed(&["rm", "bench-commit"]);
+    report("commit of 100 MB (stopped container)", vec![commit]);
+    let data = dir.join("host-100mb");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("big"), common::pattern(100 << 20, 9)).unwrap();
+    for (what, pipeline) in [
+        (
+            "tar of 100 MB on the host",
+            // Through cat: GNU tar skips reading file data when it writes to /dev/null itself.
+            "tar -C \"$1\" -cf - . | cat > /dev/null",
+        ),
+        (
+            "tar | gzip -1 of 100 MB on the host",
+            "tar -C \"$1\" -cf - . | gzip -1 > /dev/null",
+        ),
+    ] {
+        let t = Instant::now();
+        let ok = Command::new("sh")
+            .args(["-c", pipeline, "sh"])
+            .arg(&data)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "{what}");
+        report(what, vec![t.elapsed().as_secs_f64() * 1e3]);
+    }
 }
 
 /// `podman exec true` into a running podman container of the same image, when podman is here.
