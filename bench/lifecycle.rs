@@ -66,6 +66,12 @@ fn main() {
     };
     let runs = common::env_number("BENCH_RUNS", 10);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-lifecycle");
+    // A run that failed midway may have left containers running there: remove them first.
+    let _ = common::microvm()
+        .env("MICROVM_ROOT", dir.join("store"))
+        .args(["rm", "-f", "bench-exec", "bench-commit"])
+        .args((0..runs).map(|i| format!("bench{i}")))
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     common::make_test_images(&dir.join("images"));
     let image = format!("oci:{}", dir.join("images/demo").display());
