@@ -167,22 +167,10 @@ fn podman_exec(runs: usize, dir: &Path) {
         common::skip("podman exec", "podman cannot load the test image here");
         return;
     }
-    let run = [
-        "run",
-        "-d",
-        "--name",
-        "bench",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=4096:4096",
-        "--entrypoint",
-        "/bin/sh",
-    ];
-    let mut c = podman(&run);
-    c.args([&layout, "-c", "while true; do busybox sleep 1; done"]);
+    let mut c = podman(&["run", "-d", "--name", "bench"]);
+    c.args(common::PODMAN_RUN_FLAGS)
+        .args(["--entrypoint", "/bin/sh"])
+        .args([&layout, "-c", "while true; do busybox sleep 1; done"]);
     if !ok(&mut c) {
         common::skip("podman exec", "podman cannot run a container here");
         return;

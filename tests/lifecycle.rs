@@ -918,20 +918,15 @@ fn podman_runs_the_saved_image(archive: &Path, dir: &Path) {
     };
     let o = podman(&["load", "-i", archive.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "podman load: {}", text(&o.stderr));
-    let o = podman(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=4096:4096",
+    let mut run = vec!["run", "--rm"];
+    run.extend(PODMAN_RUN_FLAGS);
+    run.extend([
         "-u",
         "0",
         "committed:stopped",
         "cat /etc/app/only /etc/newfile; echo $NEWVAR; test -e /etc/app/new || echo new-gone",
     ]);
+    let o = podman(&run);
     assert_eq!(
         (o.status.code(), text(&o.stdout)),
         (Some(0), "v2\nnew\nyes\nnew-gone\n".into()),

@@ -53,6 +53,17 @@ pub fn kernel_or_skip(test: &str) -> Option<PathBuf> {
     found
 }
 
+/// What `podman run` needs on this fleet's hosts (no networking, limits the host's defaults
+/// would refuse), for tests and benchmarks that run Debian's podman beside microvm.
+pub const PODMAN_RUN_FLAGS: [&str; 6] = [
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
 /// Median of a sample (benchmarks report medians).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

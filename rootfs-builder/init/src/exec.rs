@@ -12,9 +12,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use microvm_agent_protocol::{self as proto, ExecSpec, Message, StartFailure, Stream};
-use nix::sys::socket::{
-    accept, bind, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
-};
+use nix::sys::socket::{accept, bind, Backlog, VsockAddr};
 
 use crate::process::{self, Proc, Streams};
 
@@ -60,13 +58,7 @@ fn slot(stream: Stream) -> usize {
 
 /// Starts listening for the host's exec and top connections.
 pub fn listen(hostname: String) -> Result<(), String> {
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("vsock socket: {e}"))?;
+    let fd = crate::vsock_socket()?;
     bind(
         fd.as_raw_fd(),
         &VsockAddr::new(libc::VMADDR_CID_ANY, proto::EXEC_PORT),

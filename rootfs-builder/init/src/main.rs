@@ -116,18 +116,23 @@ fn diff_only(port: u32, scratch: &str, control: &mut UnixStream) -> Result<(), S
     Ok(())
 }
 
+/// A new vsock stream socket (close-on-exec).
+pub(crate) fn vsock_socket() -> Result<OwnedFd, String> {
+    socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("vsock socket: {e}"))
+}
+
 /// Connects to the host's listening port; retried briefly in case the vsock device is still
 /// being set up.
 fn connect_host(port: u32) -> Result<UnixStream, String> {
     let mut last = String::new();
     for _ in 0..50 {
-        let fd = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| format!("vsock socket: {e}"))?;
+        let fd = vsock_socket()?;
         match connect(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
             &VsockAddr::new(HOST_CID, port),
