@@ -42,13 +42,14 @@ pub fn data_dir() -> PathBuf {
     if let Some(root) = ROOT_OVERRIDE.get() {
         return root.clone();
     }
-    if let Some(root) = std::env::var_os("MICROVM_ROOT") {
+    if let Some(root) = std::env::var_os("MICROVM_ROOT").filter(|r| !r.is_empty()) {
         return PathBuf::from(root);
     }
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/microvm");
     }
     let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
@@ -60,7 +61,8 @@ pub fn data_dir() -> PathBuf {
 /// A private directory for one VM's sockets and logs: under `$XDG_RUNTIME_DIR/microvm` or
 /// `/run/microvm` (root), else the temporary directory.
 pub fn runtime_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+    // Empty counts as unset (conmon passes `XDG_RUNTIME_DIR=` to runtimes).
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("microvm");
     }
     if nix::unistd::geteuid().is_root() && Path::new("/run").is_dir() {

@@ -47,6 +47,7 @@ fn virtiofsd(test: &str, dir: &Path) -> Option<(Virtiofsd, PathBuf)> {
         target: "/data".into(),
         read_only: false,
         kind: Kind::Dir,
+        staged: Vec::new(),
     };
     let server = Virtiofsd::start(&volume, &socket, dir).unwrap_or_else(|e| panic!("{e}"));
     Some((server, socket))

@@ -5,6 +5,9 @@
 #                       replaces /etc/app (deleted, made again with only `new`); the config sets
 #                       entrypoint, cmd, env, workdir and user.
 #   OUT/demo.oci.tar    the same layout as an oci-archive.
+#   OUT/box             an OCI layout, tag `latest`, one layer: busybox with every applet,
+#                       /etc/passwd and /etc/group with root and user 1000; no entrypoint, cmd
+#                       `sh` (the engines' tests: podman, docker and containerd load it).
 # Usage: tests/make-test-images.sh OUT   (needs umoci and busybox-static; runs as root)
 set -euo pipefail
 out=${1:?usage: make-test-images.sh OUT}
@@ -40,3 +43,23 @@ umoci config --image "$layout:latest" \
     --config.workingdir /work --config.user 1000:1000
 umoci gc --layout "$layout"
 tar -C "$layout" -cf "$out/demo.oci.tar" .
+
+# The engines' image: a shell and the usual tools.
+layout=$out/box bundle=$out/box-bundle
+umoci init --layout "$layout"
+umoci new --image "$layout:latest"
+umoci unpack --image "$layout:latest" "$bundle" >/dev/null
+root=$bundle/rootfs
+mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/root" "$root/home/user" "$root/proc" "$root/sys" "$root/dev"
+cp /bin/busybox "$root/bin/busybox"
+for applet in $(/bin/busybox --list); do
+    [[ $applet == busybox ]] || ln -s busybox "$root/bin/$applet"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\nuser:x:1000:\n' >"$root/etc/group"
+chmod 1777 "$root/tmp"
+chown 1000:1000 "$root/home/user"
+umoci repack --image "$layout:latest" "$bundle"
+rm -rf "$bundle"
+umoci config --image "$layout:latest" --config.cmd sh --config.env PATH=/bin
+umoci gc --layout "$layout"

@@ -49,12 +49,23 @@ pub fn run(
     io: HostIo,
     on_control: impl FnOnce(Control),
 ) -> Result<Outcome, Error> {
+    run_observed(uds, spec, io, on_control, |_| {})
+}
+
+/// [`run`], also calling `on_started` with the process's guest pid once it runs.
+pub fn run_observed(
+    uds: &Path,
+    spec: ExecSpec,
+    io: HostIo,
+    on_control: impl FnOnce(Control),
+    on_started: impl FnOnce(i32),
+) -> Result<Outcome, Error> {
     let (wants_stdin, detach) = (spec.stdin, spec.detach);
     let first = Message::Exec {
         version: proto::VERSION,
         spec,
     };
-    run_first(uds, first, wants_stdin, detach, io, on_control)
+    run_first(uds, first, wants_stdin, detach, io, on_control, on_started)
 }
 
 /// The running container's changes as a layer tar on `io`'s stdout (its processes stopped
@@ -64,7 +75,7 @@ pub fn diff(uds: &Path, pause: bool, io: HostIo) -> Result<Outcome, Error> {
         version: proto::VERSION,
         pause,
     };
-    run_first(uds, first, false, false, io, |_| {})
+    run_first(uds, first, false, false, io, |_| {}, |_| {})
 }
 
 /// Runs an exec-like job that `first` asks for.
@@ -75,7 +86,9 @@ fn run_first(
     detach: bool,
     io: HostIo,
     on_control: impl FnOnce(Control),
+    on_started: impl FnOnce(i32),
 ) -> Result<Outcome, Error> {
+    let mut on_started = Some(on_started);
     let mut control = connect_guest(uds, proto::EXEC_PORT)?;
     proto::send(&mut control, &first)?;
     let process = match proto::recv(&mut control)? {
@@ -115,11 +128,15 @@ fn run_first(
     on_control(Control::new(control));
     loop {
         match proto::recv(&mut reader) {
-            Ok(Message::Started { pid }) if detach => {
+            Ok(Message::Started { pid }) => {
                 tracing::debug!("exec started as guest pid {pid}");
-                return Ok(Outcome::Exited(proto::ExitStatus::Code(0)));
+                if let Some(f) = on_started.take() {
+                    f(pid);
+                }
+                if detach {
+                    return Ok(Outcome::Exited(proto::ExitStatus::Code(0)));
+                }
             }
-            Ok(Message::Started { .. }) => {}
             Ok(Message::StartFailed { kind, message }) => {
                 join_pumps(pumps)?;
                 return Ok(Outcome::StartFailed { kind, message });

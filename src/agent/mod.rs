@@ -140,6 +140,15 @@ pub enum Outcome {
     },
 }
 
+/// What the agent reports of the process before it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Ready, waiting for [`Message::Start`] (a spec with `wait_start`).
+    Created,
+    /// Running as this pid in the guest.
+    Started(i32),
+}
+
 /// Sends control messages (signals, resizes, shutdown) from any thread.
 #[derive(Clone)]
 pub struct Control(Arc<Mutex<UnixStream>>);
@@ -272,12 +281,12 @@ impl Session {
         self.finish_observed(watch, &mut |_| {})
     }
 
-    /// [`Session::finish_timed`], calling `on_started` with the process's guest pid when the
-    /// agent reports it started.
+    /// [`Session::finish_timed`], calling `on_progress` when the agent reports the process
+    /// created (ready to start) or started.
     pub fn finish_observed(
         self,
         watch: &VmWatch,
-        on_started: &mut dyn FnMut(i32),
+        on_progress: &mut dyn FnMut(Progress),
     ) -> Result<(Outcome, ProcessTimes), Error> {
         let mut started = None;
         let outcome = loop {
@@ -288,8 +297,9 @@ impl Session {
                 }
                 Ok(Message::Started { pid }) => {
                     started = Some(crate::timing::since_start());
-                    on_started(pid);
+                    on_progress(Progress::Started(pid));
                 }
+                Ok(Message::Created) => on_progress(Progress::Created),
                 Ok(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
                 Err(mpsc::RecvTimeoutError::Timeout) if !watch.ended() => {}
                 Err(_) => return Err(Error::GuestEnded),

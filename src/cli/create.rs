@@ -188,6 +188,7 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
             user: process.user,
             tty: args.tty,
             stdin: args.interactive,
+            options: Default::default(),
         },
         hostname: args.hostname.unwrap_or_default(),
         volumes,
@@ -198,6 +199,9 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
         timeout: args.vm.timeout,
         stop_signal,
         auto_remove: args.rm,
+        guest_mounts: Vec::new(),
+        devices: Vec::new(),
+        wait_start: false,
     });
     made.map_err(|e| e.to_string())
 }

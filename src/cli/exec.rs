@@ -77,6 +77,7 @@ pub fn exec(args: ExecArgs) -> i32 {
         } else {
             None
         },
+        options: None,
     };
     let raw = tty.then(RawTerminal::enable).flatten();
     let io = HostIo::terminal();

@@ -24,6 +24,7 @@ pub fn inspect_json(c: &Container) -> Result<serde_json::Value, container::Error
     let (image, image_digest) = match &cfg.root {
         RootSource::Image { reference, digest } => (reference.clone(), Some(digest.clone())),
         RootSource::Directory(d) => (d.display().to_string(), None),
+        RootSource::Bundle { rootfs, .. } => (rootfs.display().to_string(), None),
     };
     let running = matches!(s.status, Status::Running | Status::Paused);
     Ok(json!({

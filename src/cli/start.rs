@@ -80,7 +80,7 @@ pub fn detached(c: &Container, print_id: bool) -> i32 {
         supervisor::spawn_detached(c)
     });
     match result {
-        Ok(Started::Running) => {
+        Ok(Started::Running | Started::Created) => {
             if print_id {
                 println!("{}", c.config.id);
             }

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use microvm_agent_protocol::{DeviceSpec, GuestMount, ProcessOptions};
+
 use crate::backend::Hypervisor;
-use crate::volumes::Volume;
+use crate::volumes::{Staged, Volume};
 
 /// The container's root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +26,17 @@ pub enum RootSource {
     /// A host directory copied into the VM's initramfs at each start (`--rootfs`): it has no
     /// sandbox layer, so nothing written inside outlives a run.
     Directory(PathBuf),
+    /// An OCI bundle's root (`microvm-runtime`): a host directory the engine prepared, shared
+    /// over virtio-fs together with the bundle's bind mounts, all behind one file server.
+    Bundle {
+        /// The bundle's `root.path`, absolute.
+        rootfs: PathBuf,
+        /// `root.readonly`: enforced by the host's bind of it.
+        read_only: bool,
+        /// The bundle's bind mounts, as entries of the same share
+        /// ([`microvm_agent_protocol::GuestMountSource::Shared`] names them).
+        binds: Vec<Staged>,
+    },
 }
 
 /// The process to run, as docker's rules resolved it.
@@ -41,6 +54,9 @@ pub struct ProcessConfig {
     pub tty: bool,
     /// Keep stdin open (`-i`).
     pub stdin: bool,
+    /// Umask, limits, capabilities, exact groups (an OCI bundle's `process`).
+    #[serde(default)]
+    pub options: ProcessOptions,
 }
 
 /// Everything `create` fixed.
@@ -74,6 +90,16 @@ pub struct ContainerConfig {
     pub stop_signal: i32,
     /// `--rm`: removed when its process exits.
     pub auto_remove: bool,
+    /// Mounts made in the guest after the root (an OCI bundle's `mounts`).
+    #[serde(default)]
+    pub guest_mounts: Vec<GuestMount>,
+    /// Device nodes made in the guest (an OCI bundle's `linux.devices`).
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+    /// A start stops once the process is ready and runs it on a `start` request (an OCI
+    /// runtime's `create`).
+    #[serde(default)]
+    pub wait_start: bool,
 }
 
 impl ContainerConfig {
@@ -87,6 +113,7 @@ impl ContainerConfig {
         match &self.root {
             RootSource::Image { reference, .. } => reference.clone(),
             RootSource::Directory(d) => d.display().to_string(),
+            RootSource::Bundle { rootfs, .. } => rootfs.display().to_string(),
         }
     }
 }

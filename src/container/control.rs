@@ -36,6 +36,13 @@ pub enum Request {
         /// Signal number.
         signal: i32,
     },
+    /// Deliver `signal` to every process in the VM (an OCI runtime's `kill --all`).
+    KillAll {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Run the created process (an OCI runtime's `start`).
+    Start,
     /// Stop the VM's vCPUs.
     Pause,
     /// Let them run again.

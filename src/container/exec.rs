@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use microvm_agent_protocol::ExecSpec;
+use microvm_agent_protocol::{ExecSpec, ProcessOptions};
 
 use super::error::Error;
 use super::state::Status;
@@ -12,7 +12,7 @@ use super::store::Container;
 use crate::agent::{self, Control, HostIo, Outcome};
 
 /// What `exec` was asked for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ExecRequest {
     /// Program and arguments.
     pub argv: Vec<String>,
@@ -30,6 +30,8 @@ pub struct ExecRequest {
     pub detach: bool,
     /// The terminal's size with `-t`.
     pub winsize: Option<(u16, u16)>,
+    /// Umask, limits, capabilities (default: the container process's).
+    pub options: Option<ProcessOptions>,
 }
 
 /// The VM's vsock socket of a running container.
@@ -64,6 +66,17 @@ pub fn exec(
     io: HostIo,
     on_control: impl FnOnce(Control),
 ) -> Result<Outcome, Error> {
+    exec_observed(c, req, io, on_control, |_| {})
+}
+
+/// [`exec`], also calling `on_started` with the guest pid once the process runs.
+pub fn exec_observed(
+    c: &Container,
+    req: ExecRequest,
+    io: HostIo,
+    on_control: impl FnOnce(Control),
+    on_started: impl FnOnce(i32),
+) -> Result<Outcome, Error> {
     if req.argv.is_empty() {
         return Err(Error::Other("exec needs a command".into()));
     }
@@ -78,9 +91,10 @@ pub fn exec(
         stdin: req.stdin && !req.detach,
         winsize: req.winsize,
         detach: req.detach,
+        options: req.options.unwrap_or_else(|| p.options.clone()),
     };
     let name = c.config.name.clone();
-    agent::exec::run(&socket, spec, io, on_control).map_err(|e| match e {
+    agent::exec::run_observed(&socket, spec, io, on_control, on_started).map_err(|e| match e {
         agent::Error::GuestEnded => Error::Other(format!(
             "container {name} stopped before the exec's exit status arrived"
         )),

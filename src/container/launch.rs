@@ -7,14 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use microvm_agent_protocol::{self as proto, Message, MountSpec, RootSpec, RunSpec, StartFailure};
+use microvm_agent_protocol::{
+    self as proto, Message, MountSpec, RootSpec, RunSpec, SharedRoot, StartFailure,
+};
 
 use super::config::RootSource;
 use super::store::Container;
-use crate::agent::{self, Control, HostIo, Listener, Outcome, Session};
+use crate::agent::{self, Control, HostIo, Listener, Outcome, Progress, Session};
 use crate::backend::{self, Hypervisor, RunningVm, Stopper, VmEnd};
 use crate::plan::{Console, DiskPlan, FsPlan, VmPlan, VsockPlan, GUEST_CID};
-use crate::volumes::{self, Kind, Volume};
+use crate::volumes::{self, Kind, Staged, Volume};
 
 /// Kernel options every run uses: console on COM1 (kept for crash reports), quiet, and no
 /// reboot loop on panic: the VM ends and the host reports the crash.
@@ -34,6 +36,8 @@ pub trait Observer: Sync {
     fn vm_started(&self, _stopper: Stopper) {}
     /// The agent has the process spec; `control` reaches it (signals, resizes).
     fn session_ready(&self, _control: Control) {}
+    /// The process is ready and waits for a start (a launch with `wait_start`).
+    fn process_created(&self) {}
     /// The process runs, as `pid` in the guest.
     fn process_started(&self, _pid: i32) {}
 }
@@ -112,13 +116,37 @@ impl Launch {
         let cfg = &c.config;
         let hypervisor = cfg.hypervisor;
         let image = matches!(cfg.root, RootSource::Image { .. });
-        check_slots(hypervisor, cfg.volumes.len(), image)?;
+        // A bundle's root and binds are one more share, ahead of the volumes.
+        let mut volumes = Vec::with_capacity(cfg.volumes.len() + 1);
+        let mut shared_root = None;
+        if let RootSource::Bundle {
+            rootfs,
+            read_only,
+            binds,
+        } = &cfg.root
+        {
+            let (volume, root) = bundle_share(rootfs, *read_only, binds);
+            volumes.push(volume);
+            shared_root = Some(root);
+        }
+        let first_volume = volumes.len();
+        volumes.extend(cfg.volumes.iter().cloned());
+        check_slots(hypervisor, volumes.len(), image)?;
         let run_dir = new_run_dir()?;
         let base = crate::initramfs::base()
             .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
         let mut initrd = vec![base];
         let mut disks = Vec::new();
         let (root, lease) = match &cfg.root {
+            RootSource::Bundle { rootfs, .. } => {
+                if !rootfs.is_dir() {
+                    return Err(format!(
+                        "the bundle's root {}: not a directory",
+                        rootfs.display()
+                    ));
+                }
+                (None, None)
+            }
             RootSource::Directory(dir) => {
                 if !dir.is_dir() {
                     return Err(format!("--rootfs {}: not a directory", dir.display()));
@@ -129,7 +157,7 @@ impl Launch {
             RootSource::Image { reference, digest } => {
                 // Device slots left for layers once vsock, the scratch disk and the volumes
                 // have theirs.
-                let max_layers = device_slots(hypervisor).saturating_sub(2 + cfg.volumes.len());
+                let max_layers = device_slots(hypervisor).saturating_sub(2 + volumes.len());
                 let (root, lease) =
                     image_root(reference, digest, &c.scratch(), max_layers, &mut disks)?;
                 (Some(root), Some(lease))
@@ -152,14 +180,19 @@ impl Launch {
                 .iter()
                 .enumerate()
                 .map(|(i, v)| MountSpec {
-                    tag: share_tag(i),
+                    tag: share_tag(first_volume + i),
                     target: v.target.clone(),
                     read_only: v.read_only,
                     file: v.kind == Kind::File,
                 })
                 .collect(),
+            shared_root,
+            guest_mounts: cfg.guest_mounts.clone(),
+            devices: cfg.devices.clone(),
+            options: p.options.clone(),
+            wait_start: cfg.wait_start,
         };
-        let shares = (0..cfg.volumes.len())
+        let shares = (0..volumes.len())
             .map(|i| FsPlan {
                 tag: share_tag(i),
                 socket: run_dir.0.join(format!("fs{i}.sock")),
@@ -190,7 +223,7 @@ impl Launch {
             plan,
             wants_stdin: spec.stdin,
             first: Message::Run(spec),
-            volumes: cfg.volumes.clone(),
+            volumes,
             run_dir,
             t_root,
             _lease: lease,
@@ -309,8 +342,11 @@ impl Launch {
                 .and_then(|session| {
                     t_ready = Some(crate::timing::since_start());
                     observer.session_ready(session.control());
-                    let (outcome, times) = session
-                        .finish_observed(&watch, &mut |pid| observer.process_started(pid))?;
+                    let (outcome, times) =
+                        session.finish_observed(&watch, &mut |progress| match progress {
+                            Progress::Created => observer.process_created(),
+                            Progress::Started(pid) => observer.process_started(pid),
+                        })?;
                     t_process = times;
                     Ok(outcome)
                 });
@@ -391,6 +427,35 @@ impl Launch {
             (Err(e), _) => ended(EXIT_MICROVM_ERROR, Some(e.to_string()), false),
         }
     }
+}
+
+/// Name of the bundle root's entry in its share.
+const BUNDLE_ROOT_ENTRY: &str = "root";
+
+/// The share of a bundle's root and binds (one file server for all), and the root the agent
+/// mounts from it.
+fn bundle_share(rootfs: &Path, read_only: bool, binds: &[Staged]) -> (Volume, SharedRoot) {
+    let mut staged = Vec::with_capacity(binds.len() + 1);
+    staged.push(Staged {
+        name: BUNDLE_ROOT_ENTRY.into(),
+        source: rootfs.to_owned(),
+        read_only,
+        recursive: true,
+    });
+    staged.extend(binds.iter().cloned());
+    let volume = Volume {
+        source: rootfs.to_owned(),
+        target: "/".into(),
+        read_only: false,
+        kind: Kind::Staged,
+        staged,
+    };
+    let root = SharedRoot {
+        tag: share_tag(0),
+        path: BUNDLE_ROOT_ENTRY.into(),
+        read_only,
+    };
+    (volume, root)
 }
 
 /// The image's layers as read-only disks (converted on first use) and the container's sandbox

@@ -100,6 +100,59 @@ impl Containers {
         result
     }
 
+    /// Creates a container under an id the caller chose (an OCI runtime's: the engine names
+    /// it), named after its id, without a name claim: the id itself is the only handle.
+    /// `Error::NameInUse` if the id is taken. The caller checked the id is one path component
+    /// that does not start with a dot.
+    pub fn create_with_id(
+        &self,
+        id: &str,
+        make: impl FnOnce(String, String) -> ContainerConfig,
+    ) -> Result<Container, Error> {
+        let dir = self.dir.join(id);
+        let tmp = self.dir.join(format!(".tmp-{id}"));
+        let taken = || Error::NameInUse {
+            name: id.to_string(),
+            id: id.to_string(),
+        };
+        if dir.exists() {
+            return Err(taken());
+        }
+        let config = make(id.to_string(), id.to_string());
+        // A directory made exclusively is the claim: two creates of one id cannot both pass.
+        match std::fs::DirBuilder::new().mode(0o700).create(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(taken()),
+            Err(e) => return Err(Error::io("cannot create", &tmp)(e)),
+        }
+        let result = (|| {
+            write_json(&tmp.join(CONFIG), &config)?;
+            write_json(&tmp.join(STATE), &State::created())?;
+            // rename(2) onto an existing empty directory would succeed: check under the claim.
+            if dir.exists() {
+                return Err(taken());
+            }
+            std::fs::rename(&tmp, &dir).map_err(Error::io("cannot create", &dir))
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        Ok(Container {
+            dir,
+            names: self.dir.join(NAMES),
+            config,
+        })
+    }
+
+    /// The container with exactly this id (no name or prefix lookup).
+    pub fn get(&self, id: &str) -> Result<Container, Error> {
+        if id.is_empty() || id.starts_with('.') || id.contains('/') {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        self.load(id)
+    }
+
     fn claim(&self, name: &str, id: &str) -> Result<(), Error> {
         // One claimer at a time: a stale name is only ever reclaimed by one of them.
         let _lock = lock_file(&self.dir.join(NAMES_LOCK), FlockArg::LockExclusive)?;
@@ -193,8 +246,22 @@ impl Containers {
 
     /// Every container, newest first.
     pub fn list(&self) -> Result<Vec<Container>, Error> {
+        self.list_matching(is_id)
+    }
+
+    /// Every container of an OCI runtime's store (ids the engines chose), newest first.
+    pub fn list_any_id(&self) -> Result<Vec<Container>, Error> {
+        self.list_matching(|n| !n.starts_with('.'))
+    }
+
+    fn list_matching(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<Container>, Error> {
+        let entries = std::fs::read_dir(&self.dir).map_err(Error::io("cannot read", &self.dir))?;
+        let ids = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| keep(n));
         let mut all = Vec::new();
-        for id in self.ids()? {
+        for id in ids {
             match self.load(&id) {
                 Ok(c) => all.push(c),
                 // Removed between listing and reading.
@@ -400,6 +467,9 @@ mod tests {
             timeout: None,
             stop_signal: 15,
             auto_remove: false,
+            guest_mounts: Vec::new(),
+            devices: Vec::new(),
+            wait_start: false,
         }
     }
 

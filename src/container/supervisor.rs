@@ -27,6 +27,8 @@ use crate::backend::Stopper;
 
 /// Environment variable naming the descriptor a detached supervisor reports its start on.
 const READY_FD_ENV: &str = "MICROVM_READY_FD";
+/// How long a start request waits for the process to be reported running.
+const START_WAIT: Duration = Duration::from_secs(10);
 /// How long `stop` waits after SIGKILL before it powers the VM off.
 const KILL_GRACE: Duration = Duration::from_secs(1);
 
@@ -35,6 +37,8 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 pub enum Started {
     /// The process runs.
     Running,
+    /// The process is ready and waits for a start request (a container with `wait_start`).
+    Created,
     /// It did not start (or ended before it was reported): docker's status and why.
     Failed {
         /// Exit status for the command (125, 126, 127, ...).
@@ -50,6 +54,9 @@ pub enum Streams {
     Foreground(HostIo),
     /// Nowhere but the log (a detached supervisor).
     Detached,
+    /// Streams an engine gave us (`microvm-runtime`: conmon's pipes, a terminal), not logged:
+    /// the engine keeps the container's log.
+    Inherited(HostIo),
 }
 
 /// Hears once how the start went.
@@ -61,6 +68,8 @@ struct Live {
     stopper: Mutex<Option<Stopper>>,
     control: Mutex<Option<Control>>,
     ended: AtomicBool,
+    /// The process is created and waits for its start (cleared by the start).
+    created: AtomicBool,
     /// `stop` had to power the VM off: the run ended by SIGKILL, not by a crash.
     forced: AtomicBool,
     state: Mutex<State>,
@@ -119,6 +128,34 @@ impl Live {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// An OCI runtime's `start`: lets the created process run.
+    fn start(&self) -> Reply {
+        let name = &self.container.config.name;
+        if !self.container.config.wait_start {
+            return Reply::Error(format!(
+                "container {name} was not created to wait for a start"
+            ));
+        }
+        if self.created.swap(false, Ordering::SeqCst) {
+            if let Some(control) = self.control() {
+                control.send(&Message::Start);
+                // Answer once it runs (or ended): an engine reads the state right after.
+                let deadline = Instant::now() + START_WAIT;
+                while self.status() == Status::Created
+                    && !self.ended.load(Ordering::SeqCst)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return Reply::Ok;
+            }
+        }
+        Reply::Error(match self.status() {
+            Status::Created => format!("container {name} is still being created"),
+            _ => format!("cannot start container {name}: it is not in the created state"),
+        })
     }
 
     /// docker pause / unpause.
@@ -197,6 +234,17 @@ impl Live {
                 Reply::Ok
             }
             Request::Stop { timeout } => Reply::Error(format!("invalid stop timeout {timeout}")),
+            Request::KillAll { signal } if (1..=64).contains(&signal) => match self.control() {
+                Some(control) => {
+                    control.send(&Message::SignalAll { signal });
+                    Reply::Ok
+                }
+                // Still booting: nothing runs in it yet, so every process ends with the VM.
+                None => {
+                    self.stop_vm();
+                    Reply::Ok
+                }
+            },
             Request::Kill { signal } if (1..=64).contains(&signal) => match self.control() {
                 Some(control) => {
                     control.send(&Message::Signal { signal });
@@ -211,7 +259,10 @@ impl Live {
                     self.container.config.name
                 )),
             },
-            Request::Kill { signal } => Reply::Error(format!("invalid signal {signal}")),
+            Request::Kill { signal } | Request::KillAll { signal } => {
+                Reply::Error(format!("invalid signal {signal}"))
+            }
+            Request::Start => self.start(),
             Request::Pause => self.pause(true),
             Request::Unpause => self.pause(false),
         }
@@ -230,6 +281,11 @@ impl Observer for Arc<Live> {
 
     fn session_ready(&self, control: Control) {
         *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+    }
+
+    fn process_created(&self) {
+        self.created.store(true, Ordering::SeqCst);
+        self.report(Started::Created);
     }
 
     fn process_started(&self, pid: i32) {
@@ -288,6 +344,7 @@ pub fn supervise(
         stopper: Mutex::new(None),
         control: Mutex::new(None),
         ended: AtomicBool::new(false),
+        created: AtomicBool::new(false),
         forced: AtomicBool::new(false),
         state: Mutex::new(state),
         ready: Mutex::new(Some(ready)),
@@ -312,6 +369,7 @@ pub fn supervise(
                         user: io.stderr,
                     }),
                 },
+                Streams::Inherited(io) => io,
                 Streams::Detached => HostIo {
                     stdin: Box::new(std::io::empty()),
                     stdout: Box::new(log.sink(logs::Stream::Stdout)),
@@ -380,6 +438,10 @@ impl Observer for ForwardControl<'_> {
     fn session_ready(&self, control: Control) {
         (self.on_control)(control.clone());
         self.live.session_ready(control)
+    }
+
+    fn process_created(&self) {
+        self.live.process_created()
     }
 
     fn process_started(&self, pid: i32) {

@@ -6,7 +6,7 @@ mod spec;
 mod virtiofsd;
 mod watch;
 
-pub use spec::{parse_all, Kind, Volume};
+pub use spec::{parse_all, Kind, Staged, Volume};
 pub use virtiofsd::{Virtiofsd, VIRTIOFSD_HINT};
 pub use watch::{Shares, Watch};
 

@@ -12,6 +12,22 @@ pub enum Kind {
     Dir,
     /// A single host file.
     File,
+    /// A private directory of host files and directories bound by name ([`Staged`]): an OCI
+    /// bundle's root and bind mounts, all behind one file server.
+    Staged,
+}
+
+/// One entry of a [`Kind::Staged`] share: `source` bound at `name` in the share's directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Staged {
+    /// One path component, unique in the share.
+    pub name: String,
+    /// Absolute host path (a file or a directory).
+    pub source: PathBuf,
+    /// The bind is read-only on the host: the guest cannot write through it whatever it does.
+    pub read_only: bool,
+    /// Bind the source's submounts too.
+    pub recursive: bool,
 }
 
 /// One volume, checked: the source exists, the target is a clean absolute path.
@@ -25,6 +41,9 @@ pub struct Volume {
     pub read_only: bool,
     /// Directory or file.
     pub kind: Kind,
+    /// What a [`Kind::Staged`] share holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staged: Vec<Staged>,
 }
 
 /// Parses `-v` and `--mount` values, checks each, and refuses two volumes on one target.
@@ -177,6 +196,7 @@ fn check(source: &str, target: &str, read_only: bool) -> Result<Volume, Error> {
         target,
         read_only,
         kind,
+        staged: Vec::new(),
     })
 }
 
@@ -244,7 +264,8 @@ mod tests {
                 source: std::fs::canonicalize(&dir).unwrap(),
                 target: "/data".into(),
                 read_only: false,
-                kind: Kind::Dir
+                kind: Kind::Dir,
+                staged: Vec::new()
             }
         );
         assert_eq!((all[1].kind, all[1].read_only), (Kind::File, true));

@@ -15,7 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
-use super::{Error, Kind, Volume};
+use super::{Error, Kind, Staged, Volume};
 use crate::helpers::{die_with_parent, find};
 use microvm_agent_protocol::SHARED_FILE_NAME;
 
@@ -94,13 +94,28 @@ impl Virtiofsd {
         let log_file =
             File::create(&log).map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
 
+        // What a staging directory holds: (name, source, read-only, recursive).
+        let entries: Vec<Staged> = match vol.kind {
+            Kind::Dir => Vec::new(),
+            Kind::File => vec![Staged {
+                name: SHARED_FILE_NAME.into(),
+                source: vol.source.clone(),
+                read_only: false,
+                recursive: false,
+            }],
+            Kind::Staged => vol.staged.clone(),
+        };
         let shared = match vol.kind {
             Kind::Dir => vol.source.clone(),
-            Kind::File => {
+            Kind::File | Kind::Staged => {
                 if !nix::unistd::geteuid().is_root() {
-                    return Err(err(
-                        "a single-file volume needs root (it is staged with a bind mount)".into(),
-                    ));
+                    return Err(err(format!(
+                        "{} needs root (it is staged with bind mounts)",
+                        match vol.kind {
+                            Kind::File => "a single-file volume",
+                            _ => "a bundle's root",
+                        }
+                    )));
                 }
                 let staging = dir.join("staging");
                 std::fs::create_dir(&staging)
@@ -123,8 +138,8 @@ impl Virtiofsd {
         }
         let listen: OwnedFd = listener.into();
         pass_fd(&mut cmd, listen.as_raw_fd());
-        if vol.kind == Kind::File {
-            stage_file(&mut cmd, &shared, &vol.source).map_err(err)?;
+        if !entries.is_empty() {
+            stage(&mut cmd, &shared, &entries).map_err(err)?;
         }
         die_with_parent(&mut cmd);
         let child = cmd
@@ -204,18 +219,41 @@ fn cstring(p: &Path) -> Result<CString, String> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} contains NUL", p.display()))
 }
 
+/// One staged bind, its paths made before the fork.
+struct StageEntry {
+    at: CString,
+    source: CString,
+    file: bool,
+    read_only: bool,
+    recursive: bool,
+}
+
 /// In the child, before exec: a private mount namespace with a tmpfs over `staging` holding
-/// [`SHARED_FILE_NAME`], a bind mount of `source`. A rename over the file from the guest then
-/// fails with EBUSY, as with docker.
-fn stage_file(cmd: &mut Command, staging: &Path, source: &Path) -> Result<(), String> {
+/// each entry, a bind mount of its source (read-only where asked: that bind refuses writes
+/// whatever the guest does). A rename over a bound file from the guest then fails with EBUSY,
+/// as with docker.
+fn stage(cmd: &mut Command, staging: &Path, entries: &[Staged]) -> Result<(), String> {
     let staging_c = cstring(staging)?;
-    let file_c = cstring(&staging.join(SHARED_FILE_NAME))?;
-    let source_c = cstring(source)?;
+    let mut prepared = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.name.is_empty() || e.name.contains('/') || e.name == "." || e.name == ".." {
+            return Err(format!("bad staging entry name {:?}", e.name));
+        }
+        let meta =
+            std::fs::metadata(&e.source).map_err(|err| format!("{}: {err}", e.source.display()))?;
+        prepared.push(StageEntry {
+            at: cstring(&staging.join(&e.name))?,
+            source: cstring(&e.source)?,
+            file: !meta.is_dir(),
+            read_only: e.read_only,
+            recursive: e.recursive,
+        });
+    }
     let root = c"/";
     let tmpfs = c"tmpfs";
     let mode = c"mode=0755";
-    // SAFETY: only async-signal-safe syscalls (unshare, mount, open, close) on C strings built
-    // before the fork; no allocation or lock in the child.
+    // SAFETY: only async-signal-safe syscalls (unshare, mount, open, mkdir, close) on C strings
+    // built before the fork; no allocation or lock in the child.
     unsafe {
         cmd.pre_exec(move || {
             let check = |rc: i32| {
@@ -240,20 +278,37 @@ fn stage_file(cmd: &mut Command, staging: &Path, source: &Path) -> Result<(), St
                 libc::MS_NOSUID | libc::MS_NODEV,
                 mode.as_ptr().cast(),
             ))?;
-            let fd = libc::open(
-                file_c.as_ptr(),
-                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                0o600,
-            );
-            check(fd)?;
-            libc::close(fd);
-            check(libc::mount(
-                source_c.as_ptr(),
-                file_c.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ))
+            for e in &prepared {
+                if e.file {
+                    let fd = libc::open(
+                        e.at.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o600,
+                    );
+                    check(fd)?;
+                    libc::close(fd);
+                } else {
+                    check(libc::mkdir(e.at.as_ptr(), 0o755))?;
+                }
+                let rec = if e.recursive { libc::MS_REC } else { 0 };
+                check(libc::mount(
+                    e.source.as_ptr(),
+                    e.at.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | rec,
+                    std::ptr::null(),
+                ))?;
+                if e.read_only {
+                    check(libc::mount(
+                        std::ptr::null(),
+                        e.at.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                        std::ptr::null(),
+                    ))?;
+                }
+            }
+            Ok(())
         });
     }
     Ok(())

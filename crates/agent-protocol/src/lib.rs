@@ -13,6 +13,10 @@
 //! - Stream connections: the agent opens one per stream with a [`StreamHello`] frame; then data
 //!   frames, an empty frame meaning end of stream.
 //!
+//! With [`RunSpec::wait_start`] the agent prepares the process (root, mounts, program, user),
+//! answers [`Message::Created`] and runs the program only on [`Message::Start`], as an OCI
+//! runtime's `create` and `start` split a container's start.
+//!
 //! More processes in the running container (`exec`, `top`) come the other way: once the
 //! container's process runs, the agent listens on [`EXEC_PORT`] and the host connects to it.
 //! The first frame of such a connection says what it is for: [`Message::Exec`] (its control
@@ -27,7 +31,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; both sides must agree exactly.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Kernel command-line key carrying the protocol version the host speaks.
 pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
 /// Kernel command-line key carrying the host vsock port the agent connects to.
@@ -103,6 +107,132 @@ pub struct RunSpec {
     pub root: Option<RootSpec>,
     /// Volumes to mount in the container's root before the process starts, in order.
     pub mounts: Vec<MountSpec>,
+    /// A root shared from the host over virtio-fs (an OCI bundle's rootfs), instead of `root`.
+    #[serde(default)]
+    pub shared_root: Option<SharedRoot>,
+    /// Mounts made in the root after it is assembled, in order (an OCI bundle's `mounts`).
+    #[serde(default)]
+    pub guest_mounts: Vec<GuestMount>,
+    /// Device nodes to create in the root's /dev (an OCI bundle's `linux.devices`).
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+    /// What the process gets besides its identity (umask, limits, capabilities).
+    #[serde(default)]
+    pub options: ProcessOptions,
+    /// Prepare everything, report [`Message::Created`], and run the program only on
+    /// [`Message::Start`] (an OCI runtime's `create`, then `start`).
+    #[serde(default)]
+    pub wait_start: bool,
+}
+
+/// A root shared by the host over virtio-fs: directory `path` of the share `tag`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedRoot {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// The directory in the share that becomes the root (one path component).
+    pub path: String,
+    /// Mount it read-only (the host's bind of it is read-only as well).
+    pub read_only: bool,
+}
+
+/// What a [`GuestMount`] mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestMountSource {
+    /// A filesystem the guest kernel makes (proc, sysfs, tmpfs, devpts, mqueue, cgroup2).
+    Kernel {
+        /// Filesystem type.
+        fstype: String,
+        /// Mount source (shown in /proc/mounts).
+        source: String,
+    },
+    /// An entry (one path component) of the root's share: a host file or directory the host
+    /// bound there, read-only on the host if the mount is.
+    Shared {
+        /// The entry's name in the share.
+        entry: String,
+        /// Bind the entry's submounts too (`rbind`).
+        recursive: bool,
+    },
+}
+
+/// A mount made in the container's root, as an OCI runtime makes a bundle's `mounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMount {
+    /// Absolute path inside the container.
+    pub target: String,
+    /// What is mounted.
+    pub source: GuestMountSource,
+    /// mount(8) options: flags (`ro`, `nosuid`, `nodev`, `noexec`, ...) and filesystem data
+    /// (`mode=755`, `size=65536k`, ...).
+    pub options: Vec<String>,
+}
+
+/// A device node in the container's /dev.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// Absolute path inside the container.
+    pub path: String,
+    /// `c` (character), `b` (block) or `p` (FIFO).
+    pub kind: char,
+    /// Major number (the guest kernel's numbering).
+    pub major: u64,
+    /// Minor number.
+    pub minor: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// A resource limit (setrlimit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// The resource's number (`RLIMIT_NOFILE` is 7).
+    pub resource: u32,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// Capability sets, one bit per capability number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Bounding set.
+    pub bounding: u64,
+    /// Effective set.
+    pub effective: u64,
+    /// Permitted set.
+    pub permitted: u64,
+    /// Inheritable set.
+    pub inheritable: u64,
+    /// Ambient set.
+    pub ambient: u64,
+}
+
+/// What a process gets besides its program, environment and user (the defaults: none of it,
+/// as for a `microvm run` process).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessOptions {
+    /// File mode creation mask.
+    #[serde(default)]
+    pub umask: Option<u32>,
+    /// Resource limits.
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// Capabilities (none given: root keeps all, others none).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+    /// Set no_new_privs.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Supplementary groups exactly (none given: the user's groups in /etc/group).
+    #[serde(default)]
+    pub groups: Option<Vec<u32>>,
 }
 
 /// A further process in the running container (`exec`).
@@ -125,6 +255,9 @@ pub struct ExecSpec {
     /// Start it with no streams and report only that it started (`exec -d`).
     #[serde(default)]
     pub detach: bool,
+    /// Umask, limits, capabilities.
+    #[serde(default)]
+    pub options: ProcessOptions,
 }
 
 /// Name of the one file a single-file share holds: the host stages the file under this name in
@@ -217,6 +350,15 @@ pub enum Message {
         /// Signal number.
         signal: i32,
     },
+    /// Host -> agent: deliver a signal to every process in the VM but the agent.
+    SignalAll {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Agent -> host (with [`RunSpec::wait_start`]): the process is ready to run.
+    Created,
+    /// Host -> agent: run the created process now.
+    Start,
     /// Host -> agent: the terminal was resized.
     Resize {
         /// Rows.

@@ -9,6 +9,8 @@
 
 mod diff;
 mod exec;
+mod mounts;
+mod privileges;
 mod process;
 mod reaper;
 mod root;
@@ -71,20 +73,17 @@ fn run() -> Result<(), String> {
     } else {
         &spec.hostname
     });
-    let root = match &spec.root {
-        Some(root) => root::assemble(root)?,
-        None => PathBuf::from("/"),
-    };
-    volumes::mount_all(&root, &spec.mounts)?;
-    if spec.root.is_some() {
-        root::enter(&root)?;
-    }
+    // A root or mount that cannot be made fails the start with its reason, as runc's would.
+    let setup = prepare_root(&spec);
 
     let streams = process::Streams {
         stdin: open_stream(port, proto::Stream::Stdin)?,
         stdout: open_stream(port, proto::Stream::Stdout)?,
         stderr: open_stream(port, proto::Stream::Stderr)?,
     };
+    if let Err(e) = setup {
+        return process::fail(streams, &mut control, e);
+    }
     let hostname = if spec.hostname.is_empty() {
         "microvm".to_string()
     } else {
@@ -96,6 +95,26 @@ fn run() -> Result<(), String> {
         log(&e);
     }
     process::run(&spec, streams, &mut control)
+}
+
+/// Assembles the container's root with its volumes and mounts, and enters it.
+fn prepare_root(spec: &proto::RunSpec) -> Result<(), String> {
+    let root = match (&spec.shared_root, &spec.root) {
+        (Some(shared), _) => root::assemble_shared(shared)?,
+        (None, Some(root)) => root::assemble(root)?,
+        (None, None) => PathBuf::from("/"),
+    };
+    volumes::mount_all(&root, &spec.mounts)?;
+    if spec.shared_root.is_some() || !spec.guest_mounts.is_empty() {
+        mounts::apply_all(&root, &spec.guest_mounts, &spec.devices)?;
+    }
+    if spec.shared_root.as_ref().is_some_and(|r| r.read_only) {
+        root::make_read_only(&root)?;
+    }
+    if spec.root.is_some() || spec.shared_root.is_some() {
+        root::enter(&root)?;
+    }
+    Ok(())
 }
 
 /// A VM booted only to read a stopped container's changes: the diff on stdout, an error on

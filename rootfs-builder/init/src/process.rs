@@ -14,11 +14,13 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use microvm_agent_protocol::{self as proto, ExecSpec, Message, RunSpec, StartFailure};
+use microvm_agent_protocol::{
+    self as proto, ExecSpec, Message, ProcessOptions, RunSpec, StartFailure,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{reaper, users};
+use crate::{privileges, reaper, users};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -52,6 +54,8 @@ pub struct Proc {
     pub winsize: Option<(u16, u16)>,
     /// Create a missing working directory (docker does for the container, not for exec).
     pub create_cwd: bool,
+    /// Umask, limits, capabilities, groups.
+    pub options: ProcessOptions,
 }
 
 impl Proc {
@@ -67,6 +71,7 @@ impl Proc {
             stdin: spec.stdin,
             winsize: spec.winsize,
             create_cwd: true,
+            options: spec.options.clone(),
         }
     }
 
@@ -82,6 +87,7 @@ impl Proc {
             stdin: spec.stdin,
             winsize: spec.winsize,
             create_cwd: false,
+            options: spec.options.clone(),
         }
     }
 }
@@ -113,8 +119,24 @@ impl Running {
 /// Runs the container's process to its end and reports it on `control`, then waits for the
 /// host's go-ahead to power off.
 pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result<(), String> {
+    let mut proc = Proc::container(spec);
+    if spec.wait_start {
+        if let Err((kind, message)) = prepare(&proc) {
+            crate::log(&message);
+            end_streams(Some(streams));
+            send(control, &Message::StartFailed { kind, message })?;
+            return wait_shutdown(control);
+        }
+        send(control, &Message::Created)?;
+        if let Some(signal) = wait_for_start(control, &mut proc)? {
+            // Signalled before it ran: it ends as a process that took the signal would.
+            end_streams(Some(streams));
+            send(control, &Message::Exited(proto::ExitStatus::Signal(signal)))?;
+            return wait_shutdown(control);
+        }
+    }
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
-    match start(&Proc::container(spec), Some(streams), false) {
+    match start(&proc, Some(streams), false) {
         Err((kind, message)) => {
             crate::log(&message);
             send(control, &Message::StartFailed { kind, message })?;
@@ -139,6 +161,49 @@ pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result
     }
     // Everything is on its way; the host confirms before the VM disappears under it.
     let _ = shutdown_rx.recv_timeout(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Waits for the host's `Start` (with [`RunSpec::wait_start`]), taking resizes meanwhile;
+/// `Some(signal)` if a signal that ends a process came instead.
+fn wait_for_start(control: &mut UnixStream, proc: &mut Proc) -> Result<Option<i32>, String> {
+    loop {
+        match proto::recv(control).map_err(|e| e.to_string())? {
+            Message::Start => return Ok(None),
+            Message::Resize { rows, cols } => proc.winsize = Some((rows, cols)),
+            Message::Signal { signal } | Message::SignalAll { signal } => {
+                // Signals whose default action is not to end a process do nothing here.
+                let harmless = [libc::SIGCHLD, libc::SIGCONT, libc::SIGURG, libc::SIGWINCH];
+                if !harmless.contains(&signal) {
+                    return Ok(Some(signal));
+                }
+            }
+            Message::Shutdown => {
+                return Err("the host stopped the container before it started".into())
+            }
+            other => crate::log(&format!("ignoring unexpected message {other:?}")),
+        }
+    }
+}
+
+/// Reports that the container's process cannot run (its root or a mount could not be made),
+/// then waits for the host's go-ahead to power off.
+pub fn fail(streams: Streams, control: &mut UnixStream, message: String) -> Result<(), String> {
+    crate::log(&message);
+    end_streams(Some(streams));
+    let kind = StartFailure::Other;
+    send(control, &Message::StartFailed { kind, message })?;
+    wait_shutdown(control)
+}
+
+/// Waits (bounded) for the host to say the VM may go.
+fn wait_shutdown(control: &mut UnixStream) -> Result<(), String> {
+    let _ = control.set_read_timeout(Some(Duration::from_secs(10)));
+    while let Ok(msg) = proto::recv(control) {
+        if msg == Message::Shutdown {
+            break;
+        }
+    }
     Ok(())
 }
 
@@ -309,15 +374,20 @@ pub fn start(
             return Err((StartFailure::Other, e));
         }
     };
-    let (uid, gid, groups, tty) = (
+    let groups = spec
+        .options
+        .groups
+        .clone()
+        .unwrap_or_else(|| p.identity.groups.clone());
+    let (uid, gid, tty) = (
         p.identity.uid,
         p.identity.gid,
-        p.identity.groups.clone(),
         spec.tty && streams.is_some(),
     );
+    let privileges = privileges::Plan::new(&spec.options);
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (setsid, ioctl, setgroups, setgid, setuid), which are async-signal-safe; `groups` was
-    // allocated before fork and is only read.
+    // (setsid, ioctl, setgroups, setgid, setuid, and those of `Plan::apply_*`), which are
+    // async-signal-safe; `groups` and `privileges` were made before fork and are only read.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -326,13 +396,14 @@ pub fn start(
             if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            privileges.apply_before_setuid()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
             {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            privileges.apply_after_setuid()
         });
     }
 
@@ -431,6 +502,12 @@ pub fn spawn_control_reader(
             Ok(Message::Signal { signal }) => {
                 if let (Some((pid, _)), Ok(sig)) = (&process, Signal::try_from(signal)) {
                     let _ = kill(Pid::from_raw(*pid), sig);
+                }
+            }
+            Ok(Message::SignalAll { signal }) => {
+                // Every process but the agent (kill(-1) from PID 1 spares itself).
+                if let Ok(sig) = Signal::try_from(signal) {
+                    let _ = kill(Pid::from_raw(-1), sig);
                 }
             }
             Ok(Message::Resize { rows, cols }) => {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use microvm_agent_protocol::RootSpec;
+use microvm_agent_protocol::{RootSpec, SharedRoot};
 use nix::mount::{mount, MsFlags};
 
 const BASE: &str = "/run/microvm";
@@ -104,6 +104,82 @@ pub fn assemble(spec: &RootSpec) -> Result<PathBuf, String> {
 
     crate::system::mount_kernel_filesystems(&root)?;
     Ok(root)
+}
+
+/// Mounts the host's share and binds its root directory at a new root (read-only when asked:
+/// the host's bind is read-only as well, this makes the guest say so at once); the bundle's
+/// mounts are made in it afterwards.
+pub fn assemble_shared(spec: &SharedRoot) -> Result<PathBuf, String> {
+    if spec.path.is_empty() || spec.path.contains('/') || spec.path == ".." {
+        return Err(format!("bad shared root directory {:?}", spec.path));
+    }
+    let share = Path::new(crate::mounts::SHARE);
+    mkdir(share)?;
+    mount(
+        Some(spec.tag.as_str()),
+        share,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("mount the root's share {}: {e}", spec.tag))?;
+    let root = Path::new(BASE).join("root");
+    mkdir(&root)?;
+    let source = share.join(&spec.path);
+    // The entry is a mount on the host, so a submount (an automount point) here: overlayfs
+    // refuses one that has not been crossed yet, so cross it.
+    std::fs::read_dir(&source).map_err(|e| format!("the shared root {}: {e}", source.display()))?;
+    if spec.read_only {
+        // The host's bind of a read-only root refuses writes, so mount points the bundle's
+        // mounts need and the root lacks are made in a small overlay upper in guest memory;
+        // [`make_read_only`] closes the root once the mounts are made (as runc does).
+        let upper = Path::new(BASE).join("ro-upper");
+        mkdir(&upper)?;
+        mount(
+            Some("tmpfs"),
+            &upper,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("size=1m,mode=0755"),
+        )
+        .map_err(|e| format!("mount the read-only root's tmpfs: {e}"))?;
+        let (up, work) = (upper.join("upper"), upper.join("work"));
+        mkdir(&up)?;
+        mkdir(&work)?;
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            source.display(),
+            up.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &root,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| {
+            crate::system::with_kernel_message(format!("mount the read-only root: {e}"))
+        })?;
+    } else {
+        mount(
+            Some(&source),
+            &root,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind the shared root: {e}"))?;
+    }
+    Ok(root)
+}
+
+/// Makes the root mount itself read-only (its submounts keep their own flags).
+pub fn make_read_only(root: &Path) -> Result<(), String> {
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    mount(None::<&str>, root, None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("make the root read-only: {e}"))
 }
 
 /// Mounts the scratch disk with this serial read-only (a journal left by a VM that was powered

@@ -104,3 +104,38 @@ pub fn power_off() -> ! {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
+
+/// The kernel's last log message, which often says why a mount failed where the errno does
+/// not (read from /dev/kmsg without waiting; empty if there is none).
+pub fn last_kernel_message() -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut kmsg) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return String::new();
+    };
+    let mut last = String::new();
+    let mut record = vec![0u8; 8192];
+    // One record per read, oldest first, until EAGAIN.
+    while let Ok(n) = kmsg.read(&mut record) {
+        if n == 0 {
+            break;
+        }
+        let text = String::from_utf8_lossy(&record[..n]);
+        if let Some((_, msg)) = text.split_once(';') {
+            last = msg.lines().next().unwrap_or_default().to_string();
+        }
+    }
+    last
+}
+
+/// `error` with the kernel's last message appended, when there is one.
+pub fn with_kernel_message(error: String) -> String {
+    match last_kernel_message() {
+        m if m.is_empty() => error,
+        m => format!("{error} (kernel: {m})"),
+    }
+}

@@ -67,6 +67,7 @@ impl Virtiofsd {
             target: "/data".into(),
             read_only: false,
             kind: Kind::Dir,
+            staged: Vec::new(),
         };
         let server = crate::volumes::Virtiofsd::start(&volume, &socket, &dir.0)
             .unwrap_or_else(|e| panic!("{e}"));

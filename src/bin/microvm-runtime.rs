@@ -1,0 +1,28 @@
+//! The `microvm-runtime` binary: an OCI runtime with runc's command line (see
+//! [`microvm::runtime`]).
+
+use clap::Parser;
+use microvm::runtime::cli::{self, Cli, EXIT_FAILURE};
+
+fn main() {
+    microvm::timing::mark_process_start();
+    let level = std::env::var("MICROVM_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_FAILURE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    std::process::exit(cli::run(cli));
+}
