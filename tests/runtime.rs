@@ -170,14 +170,12 @@ fn podman_runs_each_container_in_its_own_vm() {
     assert_eq!(text(&o.stdout), "out\n");
     assert!(text(&o.stderr).contains("err"), "{}", text(&o.stderr));
 
-    // A named container, so that its id can be looked for afterwards.
+    // A named container, so that its id can be looked for afterwards; the bundle's user,
+    // limits, capabilities and hostname apply in the guest.
+    let script = "id -u; uname -r; cat /proc/1/cmdline | tr '\\0' ' '; echo; ulimit -n; hostname; grep CapBnd /proc/self/status";
     let o = p.run(&Podman::run_args(
-        &["--name", "vm1", "-u", "1000"],
-        &[
-            "sh",
-            "-c",
-            "id -u; uname -r; cat /proc/1/cmdline | tr '\\0' ' '",
-        ],
+        &["--name", "vm1", "-u", "1000", "--hostname", "vmhost"],
+        &["sh", "-c", script],
     ));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let out = text(&o.stdout);
@@ -186,6 +184,15 @@ fn podman_runs_each_container_in_its_own_vm() {
     assert!(lines[1].starts_with("6.1."), "the guest's kernel: {out}");
     assert_ne!(lines[1], host_release(), "not the host's kernel");
     assert!(lines[2].contains("init"), "PID 1 is the VM's agent: {out}");
+    assert_eq!(lines[3], "1024", "--ulimit nofile: {out}");
+    assert_eq!(lines[4], "vmhost", "{out}");
+    let bounding = u64::from_str_radix(lines[5].trim_start_matches("CapBnd:").trim(), 16).unwrap();
+    assert_ne!(
+        bounding & 1,
+        0,
+        "CAP_CHOWN is among podman's defaults: {out}"
+    );
+    assert_eq!(bounding & (1 << 21), 0, "CAP_SYS_ADMIN is not: {out}");
     let o = p.run(&["inspect", "vm1", "--format", "{{.Id}}"]);
     let id = text(&o.stdout).trim().to_string();
     assert_eq!(id.len(), 64, "{}", text(&o.stderr));

@@ -534,6 +534,28 @@ mod tests {
     }
 
     #[test]
+    fn chosen_ids_are_created_once_under_concurrent_creates() {
+        let (dir, store) = store("ids");
+        let winners: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| store.create_with_id("engine-id", config).is_ok()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap() as usize).sum()
+        });
+        assert_eq!(winners, 1);
+        let c = store.get("engine-id").unwrap();
+        assert_eq!(c.config.name, "engine-id");
+        assert_eq!(store.list_any_id().unwrap().len(), 1);
+        assert!(matches!(store.get("../x"), Err(Error::NotFound(_))));
+        c.remove().unwrap();
+        assert!(
+            store.create_with_id("engine-id", config).is_ok(),
+            "free again"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_dead_supervisor_shows_as_exited_with_its_reason() {
         let (dir, store) = store("dead");
         let c = store.create(Some("x"), config).unwrap();
