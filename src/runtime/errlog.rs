@@ -52,6 +52,11 @@ pub fn error(msg: &str) {
     log("error", msg, true);
 }
 
+/// A note for `--debug` runs (timings): in the log only.
+pub fn info(msg: &str) {
+    log("info", msg, false);
+}
+
 /// A warning: in the log only, unless there is none (engines show a runtime's stderr as a
 /// failure on some calls).
 pub fn warn(msg: &str) {

@@ -108,12 +108,8 @@ pub fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Error> {
             Some(socket) => Some(console::hand_over(socket, console_size)?.slave),
             None => None,
         };
-        let helper_args: Vec<OsString> = vec![
-            "--root".into(),
-            cli.root.clone().into(),
-            "supervise".into(),
-            args.id.clone().into(),
-        ];
+        let mut helper_args = cli.helper_args();
+        helper_args.extend::<[OsString; 2]>(["supervise".into(), args.id.clone().into()]);
         spawn::helper(&helper_args, terminal)
     })();
     let fail = |e: Error| {
@@ -126,6 +122,10 @@ pub fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Error> {
         Ok((pid, Started::Created | Started::Running)) => {
             if let Some(path) = &args.pid_file {
                 spawn::write_pid_file(path, pid)?;
+            }
+            if cli.debug {
+                let ms = crate::timing::since_start().as_secs_f64() * 1e3;
+                errlog::info(&format!("container {}: created in {ms:.1} ms", args.id));
             }
             Ok(())
         }
@@ -215,6 +215,9 @@ pub fn supervise(cli: &Cli, id: &str) -> i32 {
     drop(raw);
     match ended {
         Ok(ended) => {
+            if cli.debug {
+                errlog::info(&format!("container {id}: supervisor {}", ended.timings));
+            }
             let created = created.load(std::sync::atomic::Ordering::SeqCst);
             if let Some(e) = ended.error.as_ref().filter(|_| created) {
                 // On the container's stderr: the engine's log shows why it ended.

@@ -182,13 +182,12 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> Result<i32, Error> {
     let bytes = serde_json::to_vec(&req).map_err(|e| Error::Other(e.to_string()))?;
     std::fs::write(&request_path, bytes)
         .map_err(|e| Error::Other(format!("cannot write {}: {e}", request_path.display())))?;
-    let helper_args: Vec<OsString> = vec![
-        "--root".into(),
-        cli.root.clone().into(),
+    let mut helper_args = cli.helper_args();
+    helper_args.extend::<[OsString; 3]>([
         "exec-relay".into(),
         args.id.clone().into(),
         request_path.clone().into(),
-    ];
+    ]);
     let started = spawn::helper(&helper_args, terminal);
     let _ = std::fs::remove_file(&request_path);
     match started? {

@@ -144,6 +144,25 @@ enum Command {
 }
 
 impl Cli {
+    /// The global flags a helper (supervisor, exec relay) is started with: the same root,
+    /// log and debug setting.
+    fn helper_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["--root".into(), self.root.clone().into()];
+        if let Some(log) = &self.log {
+            args.push("--log".into());
+            args.push(log.clone().into());
+            args.push("--log-format".into());
+            args.push(match self.log_format {
+                Format::Json => "json".into(),
+                Format::Text => "text".into(),
+            });
+        }
+        if self.debug {
+            args.push("--debug".into());
+        }
+        args
+    }
+
     fn containers(&self) -> Result<Containers, Error> {
         Ok(Containers::open(&self.root)?)
     }
