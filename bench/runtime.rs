@@ -20,11 +20,6 @@ use std::time::Instant;
 
 const RUNTIME: &str = env!("CARGO_BIN_EXE_microvm-runtime");
 
-fn p90(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 * 0.9).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
 fn report(what: &str, v: Vec<f64>) {
     if v.is_empty() {
         return;
@@ -32,7 +27,7 @@ fn report(what: &str, v: Vec<f64>) {
     println!(
         "{what:<58} median {:>8.1} ms   p90 {:>8.1} ms   ({} runs)",
         common::median(v.clone()),
-        p90(v.clone()),
+        common::p90(v.clone()),
         v.len()
     );
 }

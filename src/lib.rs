@@ -14,6 +14,7 @@ pub mod helpers;
 pub mod host;
 pub mod image;
 pub mod initramfs;
+pub mod logging;
 pub mod plan;
 pub mod runtime;
 pub mod scratch;

@@ -5,7 +5,7 @@ use microvm::cli::{self, Cli, EXIT_MICROVM_ERROR};
 
 fn main() {
     microvm::timing::mark_process_start();
-    init_logging();
+    microvm::logging::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -20,18 +20,4 @@ fn main() {
         }
     };
     std::process::exit(cli::run(cli));
-}
-
-/// Logs to stderr at the level in `MICROVM_LOG` (error, warn, info, debug, trace; default warn).
-fn init_logging() {
-    let level = std::env::var("MICROVM_LOG")
-        .ok()
-        .and_then(|v| v.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
 }

@@ -6,16 +6,7 @@ use microvm::runtime::cli::{self, Cli, EXIT_FAILURE};
 
 fn main() {
     microvm::timing::mark_process_start();
-    let level = std::env::var("MICROVM_LOG")
-        .ok()
-        .and_then(|v| v.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+    microvm::logging::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

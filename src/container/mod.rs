@@ -13,6 +13,7 @@ pub mod exec;
 pub mod launch;
 pub mod logs;
 pub mod names;
+pub mod ready;
 pub mod rules;
 pub mod state;
 pub mod store;

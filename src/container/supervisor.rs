@@ -5,9 +5,7 @@
 //! started it. It holds the container's supervisor lock for as long as it lives, so a killed
 //! supervisor is seen at once (see [`Container::state`]).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,13 +18,12 @@ use super::control::{self, Reply, Request};
 use super::error::Error;
 use super::launch::{Ended, Launch, Observer, EXIT_MICROVM_ERROR};
 use super::logs::{self, LogWriter};
+use super::ready;
 use super::state::{now, State, Status};
 use super::store::{Container, SUPERVISOR_LOG};
 use crate::agent::{Control, HostIo};
 use crate::backend::Stopper;
 
-/// Environment variable naming the descriptor a detached supervisor reports its start on.
-const READY_FD_ENV: &str = "MICROVM_READY_FD";
 /// How long a start request waits for the process to be reported running.
 const START_WAIT: Duration = Duration::from_secs(10);
 /// How long `stop` waits after SIGKILL before it powers the VM off.
@@ -459,71 +456,34 @@ pub fn spawn_detached(c: &Container) -> Result<Started, Error> {
     let log2 = log
         .try_clone()
         .map_err(Error::io("cannot duplicate", &log_path))?;
-    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::io("cannot make a pipe for", c.dir())(e.into()))?;
-    let write_raw = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("--root")
         .arg(crate::host::data_dir())
         .arg("supervise")
         .arg(&c.config.id)
-        .env(READY_FD_ENV, "3")
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    // SAFETY: runs in the forked child before exec, calling only setsid and dup2, which are
-    // async-signal-safe; `write_raw` is open in the child (inherited, closed on exec unless
-    // duplicated, which dup2 does onto fd 3 without CLOEXEC).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::dup2(write_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
+    let (_, started) = ready::spawn_and_wait(cmd, false)
         .map_err(|e| Error::Other(format!("cannot start the supervisor: {e}")))?;
-    drop(write_end);
-    drop(cmd);
-    let mut line = String::new();
-    let _ = BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
-    // The supervisor lives on in its own session; its parent (us) exits soon and leaves it to
-    // be reaped by init.
-    drop(child);
-    match serde_json::from_str::<Started>(&line) {
-        Ok(started) => Ok(started),
-        Err(_) => {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let last = text.lines().last().unwrap_or("no message").to_string();
-            Err(Error::Supervisor {
-                name: c.config.name.clone(),
-                why: format!("ended before the container started: {last}"),
-            })
+    started.ok_or_else(|| {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let last = text.lines().last().unwrap_or("no message").to_string();
+        Error::Supervisor {
+            name: c.config.name.clone(),
+            why: format!("ended before the container started: {last}"),
         }
-    }
+    })
 }
 
 /// The body of `microvm supervise ID`: the detached supervisor. Reports its start on the
 /// descriptor the starter passed, then supervises until the process ends. SIGTERM and SIGINT
 /// (a shutting-down host) stop the container as `microvm stop` would.
 pub fn run_detached(c: &Container, signals: crate::signals::HostSignals) -> i32 {
-    let ready_fd = std::env::var(READY_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .filter(|fd| *fd >= 3);
-    std::env::remove_var(READY_FD_ENV);
-    // SAFETY: the starter put the pipe's write end on this descriptor for us alone; nothing
-    // else in this process owns it.
-    let ready_pipe = ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let ready_pipe = ready::take_pipe();
     let ready = Box::new(move |started: Started| {
-        if let Some(fd) = ready_pipe {
-            let mut f = std::fs::File::from(fd);
-            if let Ok(mut bytes) = serde_json::to_vec(&started) {
-                bytes.push(b'\n');
-                let _ = f.write_all(&bytes);
-            }
+        if let Some(pipe) = ready_pipe {
+            ready::report(pipe, &started);
         }
     });
     let name = c.config.name.clone();

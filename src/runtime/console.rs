@@ -11,6 +11,19 @@ use std::path::Path;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
+/// Checks that a console socket comes exactly with a terminal, in runc's words.
+pub fn check(tty: bool, socket: Option<&Path>) -> Result<(), String> {
+    match (tty, socket) {
+        (true, None) => {
+            Err("cannot allocate tty if runc will detach without setting console socket".into())
+        }
+        (false, Some(_)) => {
+            Err("cannot use console socket if runc will not detach or allocate tty".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A terminal whose master went to the engine.
 pub struct Console {
     /// The slave side, for the supervisor's stdio.

@@ -64,6 +64,12 @@ pub const PODMAN_RUN_FLAGS: [&str; 6] = [
     "nproc=4096:4096",
 ];
 
+/// 90th percentile of a sample (nearest rank).
+pub fn p90(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * 0.9).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
 /// Median of a sample (benchmarks report medians).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -10,7 +10,7 @@ use microvm_agent_protocol::{DeviceSpec, GuestMount, GuestMountSource};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
-use crate::volumes::resolve_in_root;
+use crate::volumes::{create_missing, resolve_in_root};
 
 /// Where the root's share is mounted, outside the container's root.
 pub const SHARE: &str = "/run/microvm/share";
@@ -142,21 +142,6 @@ fn apply(root: &Path, m: &GuestMount) -> Result<(), String> {
             Ok(())
         }
     }
-}
-
-/// Creates a missing mount point (a directory, or an empty file) with its parents.
-fn create_missing(target: &Path, dir: bool) -> Result<(), String> {
-    if target.symlink_metadata().is_ok() {
-        return Ok(());
-    }
-    let err = |e: std::io::Error| format!("create mount point {}: {e}", target.display());
-    if dir {
-        return std::fs::create_dir_all(target).map_err(err);
-    }
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(err)?;
-    }
-    std::fs::File::create(target).map(drop).map_err(err)
 }
 
 /// runc's default devices and /dev links in `dev`, where missing; failures (a read-only /dev)

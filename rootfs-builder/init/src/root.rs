@@ -85,20 +85,8 @@ pub fn assemble(spec: &RootSpec) -> Result<PathBuf, String> {
         .rev()
         .map(|p| p.display().to_string())
         .collect();
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lowerdir.join(":"),
-        upper.display(),
-        work.display()
-    );
-    mount(
-        Some("overlay"),
-        &root,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(|e| format!("mount overlay root: {e}"))?;
+    mount_overlay(&lowerdir.join(":"), &upper, &work, &root)
+        .map_err(|e| format!("mount overlay root: {e}"))?;
     // `commit` reads the container's changes from here after the chroot.
     crate::diff::keep_upper(&upper)?;
 
@@ -146,20 +134,7 @@ pub fn assemble_shared(spec: &SharedRoot) -> Result<PathBuf, String> {
         let (up, work) = (upper.join("upper"), upper.join("work"));
         mkdir(&up)?;
         mkdir(&work)?;
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            source.display(),
-            up.display(),
-            work.display()
-        );
-        mount(
-            Some("overlay"),
-            &root,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(options.as_str()),
-        )
-        .map_err(|e| {
+        mount_overlay(&source.display().to_string(), &up, &work, &root).map_err(|e| {
             crate::system::with_kernel_message(format!("mount the read-only root: {e}"))
         })?;
     } else {
@@ -173,6 +148,22 @@ pub fn assemble_shared(spec: &SharedRoot) -> Result<PathBuf, String> {
         .map_err(|e| format!("bind the shared root: {e}"))?;
     }
     Ok(root)
+}
+
+/// Mounts an overlay of `lowerdir` (`:`-separated, topmost first) under `upper` at `target`.
+fn mount_overlay(lowerdir: &str, upper: &Path, work: &Path, target: &Path) -> nix::Result<()> {
+    let options = format!(
+        "lowerdir={lowerdir},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
 }
 
 /// Makes the root mount itself read-only (its submounts keep their own flags).

@@ -71,7 +71,7 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
 }
 
 /// Creates the mount point if it does not exist (a directory, or an empty file), with its parents.
-fn create_missing(target: &Path, dir: bool) -> Result<(), String> {
+pub fn create_missing(target: &Path, dir: bool) -> Result<(), String> {
     if target.symlink_metadata().is_ok() {
         return Ok(());
     }

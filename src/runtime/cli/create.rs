@@ -9,6 +9,7 @@ use super::{Cli, Error};
 use crate::agent::{Control, HostIo};
 use crate::backend::Hypervisor;
 use crate::cli::foreground::{self, RawTerminal};
+use crate::container::ready;
 use crate::container::supervisor::{self, Started, Streams};
 use crate::runtime::bundle::{Bundle, HostChoices};
 use crate::runtime::oci_state::Record;
@@ -65,19 +66,7 @@ pub fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Error> {
     };
     let config = bundle.config(&args.id, &choices, &mut |w| errlog::warn(&w))?;
     let tty = config.process.tty;
-    match (tty, &args.console_socket) {
-        (true, None) => {
-            return Err(Error::Other(
-                "cannot allocate tty if runc will detach without setting console socket".into(),
-            ))
-        }
-        (false, Some(_)) => {
-            return Err(Error::Other(
-                "cannot use console socket if runc will not detach or allocate tty".into(),
-            ))
-        }
-        _ => {}
-    }
+    console::check(tty, args.console_socket.as_deref())?;
     if config.hypervisor == Hypervisor::Qemu {
         errlog::warn(&format!(
             "container {}: the qemu backend emulates the guest (TCG), which is not a hardware isolation boundary",
@@ -154,10 +143,10 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<i32, Error> {
 /// made) relayed to its process, forwards the signals it gets to the process, and exits with
 /// the process's status, which the engine reads as the container's.
 pub fn supervise(cli: &Cli, id: &str) -> i32 {
-    let mut ready_pipe = spawn::ready_pipe();
+    let mut ready_pipe = ready::take_pipe();
     let mut report_failure = |message: String| {
         if let Some(pipe) = ready_pipe.take() {
-            spawn::report(
+            ready::report(
                 pipe,
                 &Started::Failed {
                     code: super::EXIT_FAILURE,
@@ -202,7 +191,7 @@ pub fn supervise(cli: &Cli, id: &str) -> i32 {
         let ok = matches!(started, Started::Created | Started::Running);
         created_flag.store(ok, std::sync::atomic::Ordering::SeqCst);
         if let Some(pipe) = ready_pipe {
-            spawn::report(pipe, &started);
+            ready::report(pipe, &started);
         }
     });
     let ended = supervisor::supervise(

@@ -13,6 +13,7 @@ use super::{Cli, Error};
 use crate::agent::{Control, HostIo, Outcome};
 use crate::cli::foreground::{self, RawTerminal};
 use crate::container::exec::{exec_observed, ExecRequest};
+use crate::container::ready;
 use crate::container::supervisor::Started;
 use crate::container::Container;
 use crate::runtime::bundle::process_config;
@@ -160,19 +161,10 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> Result<i32, Error> {
         }
         return Ok(foreground(&c, req));
     }
-    let terminal = match (req.tty, &args.console_socket) {
-        (true, Some(socket)) => Some(console::hand_over(socket, console_size)?.slave),
-        (true, None) => {
-            return Err(Error::Other(
-                "cannot allocate tty if runc will detach without setting console socket".into(),
-            ))
-        }
-        (false, Some(_)) => {
-            return Err(Error::Other(
-                "cannot use console socket if runc will not detach or allocate tty".into(),
-            ))
-        }
-        (false, None) => None,
+    console::check(req.tty, args.console_socket.as_deref())?;
+    let terminal = match &args.console_socket {
+        Some(socket) => Some(console::hand_over(socket, console_size)?.slave),
+        None => None,
     };
     let request_path = c.dir().join(format!(
         "exec-{}-{}.json",
@@ -244,11 +236,11 @@ fn start_failure_code(kind: StartFailure) -> i32 {
 /// The exec relay: reads its request, reports the process's start, relays its streams, and
 /// exits with its status.
 pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
-    let mut ready = spawn::ready_pipe();
+    let mut ready = ready::take_pipe();
     let mut fail = |message: String| {
         if let Some(pipe) = ready.take() {
             let code = super::EXIT_FAILURE;
-            spawn::report(pipe, &Started::Failed { code, message });
+            ready::report(pipe, &Started::Failed { code, message });
         }
         super::EXIT_FAILURE
     };
@@ -282,7 +274,7 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
     let ready_pipe = Mutex::new(ready.take());
     let on_started = |_pid: i32| {
         if let Some(pipe) = ready_pipe.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            spawn::report(pipe, &Started::Running);
+            ready::report(pipe, &Started::Running);
         }
     };
     let outcome = exec_observed(&c, req, HostIo::terminal(), forward, on_started);
@@ -295,7 +287,7 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
     };
     match (pipe, message) {
         // It never started: the `exec` call reports why.
-        (Some(pipe), Some(message)) => spawn::report(pipe, &Started::Failed { code, message }),
+        (Some(pipe), Some(message)) => ready::report(pipe, &Started::Failed { code, message }),
         (_, Some(message)) => eprintln!("microvm-runtime: exec in {id}: {message}"),
         _ => {}
     }
