@@ -785,7 +785,26 @@ fn create_waits_for_start_and_delete_refuses_a_running_container() {
         serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap())
             .unwrap();
     spec["process"]["terminal"] = false.into();
-    spec["process"]["args"] = serde_json::json!(["sh", "-c", "echo started > /ran; sleep 1000"]);
+    // A read-only bind of a host directory stays read-only whatever the guest does: root in the
+    // guest with CAP_SYS_ADMIN remounts it read-write, and the host still refuses the write.
+    let ro_dir = dir.join("ro");
+    std::fs::create_dir_all(&ro_dir).unwrap();
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+            {"destination": "/ro", "type": "bind", "source": ro_dir, "options": ["rbind", "ro"]}
+        ));
+    let caps = ["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_KILL"];
+    for set in ["bounding", "effective", "permitted", "inheritable"] {
+        spec["process"]["capabilities"][set] = serde_json::json!(caps);
+    }
+    spec["process"]["capabilities"]["ambient"] = serde_json::json!([]);
+    spec["process"]["args"] = serde_json::json!([
+        "sh",
+        "-c",
+        "(mount -o remount,rw /ro && echo remounted; if echo x > /ro/f; then echo wrote; else echo refused; fi) > /ran.tmp 2>/dev/null; mv /ran.tmp /ran; sleep 1000"
+    ]);
     spec["annotations"] = serde_json::json!({
         "io.microvm.hypervisor": "qemu",
         "io.microvm.kernel": kernel,
@@ -844,6 +863,12 @@ fn create_waits_for_start_and_delete_refuses_a_running_container() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/ran")).unwrap(),
+        "remounted\nrefused\n",
+        "the host refuses writes through a read-only bind"
+    );
+    assert!(!ro_dir.join("f").exists());
     let o = runtime(&root, &["start", "c1"]);
     assert!(
         text(&o.stderr).contains("already running"),

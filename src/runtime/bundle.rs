@@ -388,6 +388,35 @@ fn clean_target(p: &Path) -> Result<String, String> {
     Ok(clean.display().to_string())
 }
 
+/// Refuses capability sets the kernel would refuse at exec time (it only says EPERM then):
+/// effective within permitted, inheritable within bounding, ambient within permitted and
+/// inheritable.
+fn check_capabilities(c: &Capabilities) -> Result<(), String> {
+    let outside = |set: u64, within: u64, what: &str, of: &str| {
+        let extra = set & !within;
+        if extra == 0 {
+            return Ok(());
+        }
+        let names: Vec<&str> = capabilities::all()
+            .enumerate()
+            .filter(|(i, _)| extra & (1 << i) != 0)
+            .map(|(_, n)| n)
+            .collect();
+        Err(format!(
+            "process.capabilities: {what} has {} outside {of}",
+            names.join(", ")
+        ))
+    };
+    outside(c.effective, c.permitted, "effective", "permitted")?;
+    outside(c.inheritable, c.bounding, "inheritable", "bounding")?;
+    outside(
+        c.ambient,
+        c.permitted & c.inheritable,
+        "ambient",
+        "permitted and inheritable",
+    )
+}
+
 /// A bundle's (or exec's) process as the container record holds it, and its console size.
 pub fn process_config(
     p: &Process,
@@ -440,6 +469,9 @@ pub fn process_config(
             ambient: set(c.ambient()),
         }
     });
+    if let Some(c) = &capabilities {
+        check_capabilities(c)?;
+    }
     let options = ProcessOptions {
         umask: user.umask(),
         rlimits,
@@ -497,7 +529,7 @@ mod tests {
             "terminal": true, "consoleSize": {"height": 24, "width": 80},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": true,
-            "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"], "effective": ["CAP_KILL"]}
+            "capabilities": {"bounding": ["CAP_CHOWN", "CAP_KILL"], "permitted": ["CAP_CHOWN", "CAP_KILL"], "effective": ["CAP_KILL"]}
         },
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -579,6 +611,11 @@ mod tests {
                 r#""io.microvm.hypervisor": "qemu""#,
                 r#""io.microvm.hypervisor": "xen""#,
                 "expected kvm or qemu",
+            ),
+            (
+                r#""effective": ["CAP_KILL"]"#,
+                r#""effective": ["CAP_KILL"], "inheritable": ["CAP_NET_RAW"]"#,
+                "inheritable has CAP_NET_RAW outside bounding",
             ),
         ] {
             let spec = SPEC.replace(from, to);

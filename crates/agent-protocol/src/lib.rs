@@ -555,10 +555,53 @@ mod tests {
             }],
             ..Default::default()
         };
+        let oci = RunSpec {
+            argv: vec!["true".into()],
+            shared_root: Some(SharedRoot {
+                tag: "microvm0".into(),
+                path: "root".into(),
+                read_only: true,
+            }),
+            guest_mounts: vec![GuestMount {
+                target: "/etc/hosts".into(),
+                source: GuestMountSource::Shared {
+                    entry: "m0".into(),
+                    recursive: false,
+                },
+                options: vec!["ro".into()],
+            }],
+            options: ProcessOptions {
+                umask: Some(0o22),
+                rlimits: vec![Rlimit {
+                    resource: 7,
+                    soft: 1024,
+                    hard: 1024,
+                }],
+                capabilities: Some(Capabilities {
+                    bounding: 1,
+                    ..Default::default()
+                }),
+                no_new_privileges: true,
+                groups: Some(vec![10]),
+            },
+            wait_start: true,
+            ..Default::default()
+        };
+        // A v4 host's spec (no OCI fields) still reads: they default to "none".
+        let old: RunSpec = serde_json::from_str(
+            r#"{"argv":["x"],"env":[],"cwd":"","user":"","hostname":"","tty":false,"stdin":false,"winsize":null,"root":null,"mounts":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.options, ProcessOptions::default());
+        assert!(!old.wait_start && old.shared_root.is_none());
         let mut wire = Vec::new();
         for m in [
             Message::Hello { version: VERSION },
             Message::Run(spec),
+            Message::Run(oci.clone()),
+            Message::Created,
+            Message::Start,
+            Message::SignalAll { signal: 9 },
             Message::Exited(ExitStatus::Signal(9)),
         ] {
             send(&mut wire, &m).unwrap();
@@ -566,6 +609,10 @@ mod tests {
         let mut r = &wire[..];
         assert_eq!(recv(&mut r).unwrap(), Message::Hello { version: VERSION });
         assert!(matches!(recv(&mut r).unwrap(), Message::Run(s) if s.tty && s.argv.len() == 3));
+        assert_eq!(recv(&mut r).unwrap(), Message::Run(oci));
+        assert_eq!(recv(&mut r).unwrap(), Message::Created);
+        assert_eq!(recv(&mut r).unwrap(), Message::Start);
+        assert_eq!(recv(&mut r).unwrap(), Message::SignalAll { signal: 9 });
         assert_eq!(
             recv(&mut r).unwrap(),
             Message::Exited(ExitStatus::Signal(9))
