@@ -194,7 +194,10 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> Result<i32, Error> {
 }
 
 /// Runs `req` with this process's stdio, forwarding signals; returns the exit status.
-fn foreground(c: &Container, req: ExecRequest) -> i32 {
+fn foreground(c: &Container, mut req: ExecRequest) -> i32 {
+    if req.tty && req.winsize.is_none() {
+        req.winsize = foreground::terminal_size();
+    }
     let signals = match foreground::block_signals() {
         Ok(s) => s,
         Err(e) => {
@@ -252,7 +255,7 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    let req: ExecRequest = match std::fs::read(request)
+    let mut req: ExecRequest = match std::fs::read(request)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
@@ -260,6 +263,10 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
         Err(e) => return fail(format!("exec request {}: {e}", request.display())),
     };
     let _ = std::fs::remove_file(request);
+    if req.tty && req.winsize.is_none() {
+        // The engine may have sized the terminal it got before this relay started.
+        req.winsize = foreground::terminal_size();
+    }
     let _registration = match register(&c) {
         Ok(r) => r,
         Err(e) => return fail(e),
