@@ -5,7 +5,10 @@
 //! and by microvm-runtime's supervisor and exec relays.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -18,7 +21,17 @@ pub const READY_FD_ENV: &str = "MICROVM_READY_FD";
 /// stdin becomes its controlling terminal) and waits for its report. Returns its pid and the
 /// report, `None` if it ended without one. The child is not waited for: it outlives the
 /// caller.
-pub fn spawn_and_wait(mut cmd: Command, terminal: bool) -> std::io::Result<(u32, Option<Started>)> {
+pub fn spawn_and_wait(cmd: Command, terminal: bool) -> std::io::Result<(u32, Option<Started>)> {
+    spawn_and_wait_for(cmd, terminal, None)
+}
+
+/// [`spawn_and_wait`], giving up after `timeout`: the helper is killed (it is our unreaped
+/// child, so its pid is still its own) and the error is of kind `TimedOut`.
+pub fn spawn_and_wait_for(
+    mut cmd: Command,
+    terminal: bool,
+    timeout: Option<Duration>,
+) -> std::io::Result<(u32, Option<Started>)> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let write_raw = write_end.as_raw_fd();
     cmd.env(READY_FD_ENV, "3");
@@ -36,15 +49,38 @@ pub fn spawn_and_wait(mut cmd: Command, terminal: bool) -> std::io::Result<(u32,
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let mut child = cmd.spawn()?;
     let pid = child.id();
     drop(write_end);
     drop(cmd);
+    if let Some(timeout) = timeout {
+        if !readable_within(&read_end, timeout) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+    }
     let mut line = String::new();
     let _ = BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
     // Not waited for: it lives on, and init (or the engine's subreaper) reaps it.
     drop(child);
     Ok((pid, serde_json::from_str::<Started>(&line).ok()))
+}
+
+/// Whether `fd` has something to read (or its writer is gone) within `timeout`.
+fn readable_within(fd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return true,
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
 }
 
 /// The report pipe this process was started with, taken out of the environment.

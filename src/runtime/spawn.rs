@@ -13,6 +13,10 @@ use super::Error;
 use crate::container::ready;
 use crate::container::supervisor::Started;
 
+/// How long a container's VM may take to boot and prepare its process, or an exec to start:
+/// generous for emulated and PVM boots, but a guest that never answers cannot hang an engine.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Starts this binary with `args` as a helper in a session of its own, its stdio the caller's
 /// (the engine's pipes) or `terminal` (made its controlling terminal), and waits until it says
 /// whether its process started. Returns its pid and the report.
@@ -31,11 +35,15 @@ pub fn helper(args: &[OsString], terminal: Option<OwnedFd>) -> Result<(u32, Star
             .stdout(Stdio::from(dup(&t)?))
             .stderr(Stdio::from(t));
     }
-    match ready::spawn_and_wait(cmd, tty) {
+    match ready::spawn_and_wait_for(cmd, tty, Some(READY_TIMEOUT)) {
         Ok((pid, Some(started))) => Ok((pid, started)),
         Ok((_, None)) => Err(Error::Other(
             "the container's supervisor ended before it reported".into(),
         )),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(Error::Other(format!(
+            "the container's VM did not become ready within {} s: stopped it",
+            READY_TIMEOUT.as_secs()
+        ))),
         Err(e) => Err(Error::Other(format!(
             "cannot start the container's supervisor: {e}"
         ))),

@@ -76,15 +76,22 @@ fn parse_options(options: &[String]) -> Options {
     }
 }
 
-/// Makes every mount under `root` in order, then the devices.
+/// Makes every mount under `root` in order, then the devices. Device nodes are only ever made
+/// in a /dev the guest mounted itself (engines mount a tmpfs there): in a /dev of the shared
+/// root they would be made on the host's disk.
 pub fn apply_all(root: &Path, mounts: &[GuestMount], devices: &[DeviceSpec]) -> Result<(), String> {
     for m in mounts {
         apply(root, m)
             .map_err(|e| crate::system::with_kernel_message(format!("mount {}: {e}", m.target)))?;
     }
-    let dev = resolve_in_root(root, Path::new("/dev"))?;
-    if dev.is_dir() {
-        default_devices(&dev);
+    let own_dev = mounts
+        .iter()
+        .any(|m| m.target == "/dev" && matches!(m.source, GuestMountSource::Kernel { .. }));
+    if !own_dev {
+        if !devices.is_empty() {
+            crate::log("the bundle mounts no /dev of its own: its devices are not made");
+        }
+        return Ok(());
     }
     for d in devices {
         device(root, d).map_err(|e| format!("device {}: {e}", d.path))?;
