@@ -752,6 +752,41 @@ fn the_command_line_answers_as_runc_does() {
     assert_eq!(logged["level"], "error");
     assert!(logged["msg"].as_str().unwrap().contains("nfs"));
     assert!(!record(&root, "bad1").exists(), "nothing left");
+    // A VM that cannot boot (the "kernel" is a text file): create fails, nothing is left.
+    if have("qemu-system-x86_64") {
+        let spec = std::fs::read_to_string(bundle.join("config.json")).unwrap();
+        let spec = spec
+            .replace(
+                r#"{"destination": "/mnt", "type": "nfs", "source": "server:/x"}"#,
+                "",
+            )
+            .replace(
+                r#""io.microvm.hypervisor": "qemu""#,
+                r#""io.microvm.hypervisor": "qemu", "io.microvm.kernel": "/etc/passwd""#,
+            );
+        std::fs::write(bundle.join("config.json"), spec).unwrap();
+        let err_path = dir.join("bad3.stderr");
+        let st = Command::new(RUNTIME)
+            .arg("--root")
+            .arg(&root)
+            .args(["create", "--bundle"])
+            .arg(&bundle)
+            .arg("bad3")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .status()
+            .unwrap();
+        let err = std::fs::read_to_string(&err_path).unwrap();
+        assert_eq!(st.code(), Some(1), "{err}");
+        assert!(err.contains("guest crashed"), "{err}");
+        assert!(!record(&root, "bad3").exists(), "nothing left");
+        assert!(
+            processes_naming("bad3").is_empty(),
+            "{:?}",
+            processes_naming("bad3")
+        );
+    }
     let o = runtime(&root, &["create", "--bundle", "/nonexistent", "bad2"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
