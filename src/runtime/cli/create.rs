@@ -110,7 +110,12 @@ pub fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Error> {
     match started {
         Ok((pid, Started::Created | Started::Running)) => {
             if let Some(path) = &args.pid_file {
-                spawn::write_pid_file(path, pid)?;
+                if let Err(e) = spawn::write_pid_file(path, pid) {
+                    // The engine cannot track a container whose pid it does not have.
+                    let stop = crate::container::control::Request::Stop { timeout: 0.0 };
+                    let _ = crate::container::control::request(&c, &stop);
+                    return fail(e);
+                }
             }
             if cli.debug {
                 let ms = crate::timing::since_start().as_secs_f64() * 1e3;

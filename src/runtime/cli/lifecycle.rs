@@ -59,7 +59,22 @@ pub fn delete(cli: &Cli, id: &str, force: bool) -> Result<(), Error> {
         Err(Error::NotFound(_)) if force => return Ok(()),
         Err(e) => return Err(e),
     };
-    let _lock = c.lock()?;
+    let gone = || {
+        if force {
+            Ok(())
+        } else {
+            Err(Error::NotFound(id.to_string()))
+        }
+    };
+    let _lock = match c.lock() {
+        Ok(lock) => lock,
+        Err(_) if !c.dir().exists() => return gone(),
+        Err(e) => return Err(e.into()),
+    };
+    // Another delete may have removed it while we waited for the lock.
+    if !c.dir().join("config.json").exists() {
+        return gone();
+    }
     let status = oci_state::status(&c)?.0;
     match status {
         "stopped" => {}
