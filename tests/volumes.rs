@@ -50,6 +50,23 @@ fn wait_for(path: &Path, what: &str) {
     }
 }
 
+/// Waits until `path` holds `want` (a file being written is seen empty or short first).
+fn wait_for_content(path: &Path, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = std::fs::read_to_string(path).unwrap_or_default();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {} to hold {want:?}: {got:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn directory_volume_both_ways_with_the_containers_uid() {
     let Some(k) = kernel_or_skip("directory_volume_both_ways_with_the_containers_uid") else {
@@ -66,11 +83,8 @@ fn directory_volume_both_ways_with_the_containers_uid() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for(&d.0.join("from-guest"), "the guest's file");
-    assert_eq!(
-        std::fs::read_to_string(d.0.join("from-guest")).unwrap(),
-        "guest\n"
-    );
+    // The shell creates the file before it writes to it: wait for the content, not the name.
+    wait_for_content(&d.0.join("from-guest"), "guest\n");
     let meta = std::fs::metadata(d.0.join("from-guest")).unwrap();
     assert_eq!(
         (meta.uid(), meta.gid()),
