@@ -30,6 +30,22 @@ fn have(tool: &str) -> bool {
         .is_ok()
 }
 
+/// The guest kernel and every one of `tools`, or a loud skip line for `name` naming what is
+/// missing and the package that brings it.
+fn needs(name: &str, tools: &[&str], package: &str) -> bool {
+    if kernel_or_skip(name).is_none() {
+        return false;
+    }
+    if let Some(t) = tools.iter().find(|t| !have(t)) {
+        skip(
+            name,
+            &format!("{t} is not installed (scripts/setup-host installs {package})"),
+        );
+        return false;
+    }
+    true
+}
+
 /// A directory of this test binary's own, removed at the end.
 fn work_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -255,11 +271,7 @@ fn podman_runs_each_container_in_its_own_vm() {
 #[test]
 fn podman_terminal_exec_pause_stop_and_kill() {
     let name = "podman -it, exec, pause, stop and kill with microvm-runtime";
-    if kernel_or_skip(name).is_none() {
-        return;
-    }
-    if !have("script") {
-        skip(name, "script(1) is missing (Debian's bsdutils)");
+    if !needs(name, &["script"], "bsdutils") {
         return;
     }
     let Some(p) = Podman::new("podman-life") else {
@@ -331,14 +343,7 @@ fn podman_terminal_exec_pause_stop_and_kill() {
 #[test]
 fn the_same_image_under_runc_and_microvm_runtime() {
     let name = "runc beside microvm-runtime";
-    if kernel_or_skip(name).is_none() {
-        return;
-    }
-    if !have("runc") {
-        skip(
-            name,
-            "runc is not installed (scripts/setup-host installs it)",
-        );
+    if !needs(name, &["runc"], "runc") {
         return;
     }
     let Some(p) = Podman::new("side-by-side") else {
@@ -415,14 +420,7 @@ fn wait_for_socket(socket: &Path, secs: u64) -> bool {
 #[test]
 fn containerd_runs_tasks_in_vms() {
     let name = "containerd's runc shim with microvm-runtime";
-    if kernel_or_skip(name).is_none() {
-        return;
-    }
-    if !have("containerd") || !have("ctr") {
-        skip(
-            name,
-            "containerd is not installed (scripts/setup-host installs it)",
-        );
+    if !needs(name, &["containerd", "ctr"], "containerd") {
         return;
     }
     let (images, _) = test_images("runtime");
@@ -545,14 +543,7 @@ fn containerd_runs_tasks_in_vms() {
 #[test]
 fn docker_runs_containers_in_vms() {
     let name = "dockerd with microvm-runtime";
-    if kernel_or_skip(name).is_none() {
-        return;
-    }
-    if !have("dockerd") || !have("docker") {
-        skip(
-            name,
-            "docker is not installed (scripts/setup-host installs docker.io)",
-        );
+    if !needs(name, &["dockerd", "docker"], "docker.io") {
         return;
     }
     let Some(p) = Podman::new("docker-image") else {
