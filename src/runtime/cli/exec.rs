@@ -98,6 +98,8 @@ fn process(args: &ExecArgs) -> Result<oci_spec::runtime::Process, Error> {
     // Without --process: root, or --user, and the default capabilities of the bundle are not
     // known here, so none are taken away.
     p.set_capabilities(None);
+    // Process::default() carries a nofile limit of its own; flags ask for none.
+    p.set_rlimits(None);
     let user = p.user_mut();
     if let Some(u) = &args.user {
         let (uid, gid) = u.split_once(':').unwrap_or((u, "0"));
