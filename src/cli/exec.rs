@@ -1,14 +1,11 @@
 //! `microvm exec [-i] [-t] [-d] [-e K=V] [-w DIR] [-u USER] CONTAINER CMD...`: another process
 //! in a running container's VM, its exit status as ours.
 
-use std::sync::Mutex;
-
 use clap::Args;
-use microvm_agent_protocol::StartFailure;
 
-use super::foreground::{self, RawTerminal};
+use super::foreground;
 use super::{error_line, EXIT_MICROVM_ERROR};
-use crate::agent::{Control, HostIo, Outcome};
+use crate::agent::Outcome;
 use crate::container::{self, exec::ExecRequest};
 
 /// Flags of `microvm exec`.
@@ -72,31 +69,15 @@ pub fn exec(args: ExecArgs) -> i32 {
         tty,
         stdin: args.interactive,
         detach: args.detach,
-        winsize: if tty {
-            foreground::terminal_size()
-        } else {
-            None
-        },
+        winsize: None,
         options: None,
     };
-    let raw = tty.then(RawTerminal::enable).flatten();
-    let io = HostIo::terminal();
-    let signals = Mutex::new(Some(signals));
-    let outcome = container::exec::exec(&c, req, io, |control: Control| {
-        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            foreground::forward_signals(signals, control);
-        }
-    });
-    drop(raw);
+    let outcome = foreground::exec_here(&c, req, signals, |_| {});
     match outcome {
         Ok(Outcome::Exited(status)) => status.as_shell_code(),
         Ok(Outcome::StartFailed { kind, message }) => {
             error_line(message);
-            match kind {
-                StartFailure::NotFound => 127,
-                StartFailure::NotExecutable => 126,
-                StartFailure::Other => EXIT_MICROVM_ERROR,
-            }
+            kind.shell_code(EXIT_MICROVM_ERROR)
         }
         Err(e) => fail(e),
     }

@@ -9,8 +9,9 @@ use microvm_agent_protocol::Message;
 use nix::sys::signal::Signal;
 
 use super::{error_line, EXIT_MICROVM_ERROR};
-use crate::agent::{Control, HostIo};
+use crate::agent::{Control, HostIo, Outcome};
 use crate::backend::Hypervisor;
+use crate::container::exec::ExecRequest;
 use crate::container::supervisor::{self, Streams};
 use crate::container::Container;
 use crate::signals::HostSignals;
@@ -44,12 +45,7 @@ pub fn run(c: &Container, signals: HostSignals, timings: bool) -> i32 {
     let tty = c.config.process.tty;
     let raw = tty.then(RawTerminal::enable).flatten();
     let io = HostIo::terminal();
-    let signals = Mutex::new(Some(signals));
-    let forward = |control: Control| {
-        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            forward_signals(signals, control);
-        }
-    };
+    let forward = forwarder(signals);
     let winsize = if tty { terminal_size() } else { None };
     let ended = supervisor::supervise(
         c,
@@ -77,6 +73,41 @@ pub fn run(c: &Container, signals: HostSignals, timings: bool) -> i32 {
             EXIT_MICROVM_ERROR
         }
     }
+}
+
+/// An `on_control` handler that starts forwarding `signals` to the first process it is handed
+/// (a run or exec has one); later calls do nothing.
+pub fn forwarder(signals: HostSignals) -> impl Fn(Control) + Sync {
+    let signals = Mutex::new(Some(signals));
+    move |control| {
+        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            forward_signals(signals, control);
+        }
+    }
+}
+
+/// Runs `req` in `c` with this process's stdio: its terminal raw and its size passed on for a
+/// `-t` process (when `req` has none yet), `signals` forwarded; `on_started` hears the guest
+/// pid once it runs.
+pub fn exec_here(
+    c: &Container,
+    mut req: ExecRequest,
+    signals: HostSignals,
+    on_started: impl FnOnce(i32),
+) -> Result<Outcome, crate::container::Error> {
+    if req.tty && req.winsize.is_none() {
+        req.winsize = terminal_size();
+    }
+    let raw = req.tty.then(RawTerminal::enable).flatten();
+    let outcome = crate::container::exec::exec_observed(
+        c,
+        req,
+        HostIo::terminal(),
+        forwarder(signals),
+        on_started,
+    );
+    drop(raw);
+    outcome
 }
 
 /// Forwards host signals to the process behind `control` from a thread of their own; a

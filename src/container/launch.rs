@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use microvm_agent_protocol::{
-    self as proto, Message, MountSpec, RootSpec, RunSpec, SharedRoot, StartFailure,
-};
+use microvm_agent_protocol::{self as proto, Message, MountSpec, RootSpec, RunSpec, SharedRoot};
 
 use super::config::RootSource;
 use super::store::Container;
@@ -398,11 +396,7 @@ impl Launch {
             }
             (Ok(Outcome::Exited(status)), _) => ended(status.as_shell_code(), None, true),
             (Ok(Outcome::StartFailed { kind, message }), _) => {
-                let code = match kind {
-                    StartFailure::NotFound => 127,
-                    StartFailure::NotExecutable => 126,
-                    StartFailure::Other => EXIT_MICROVM_ERROR,
-                };
+                let code = kind.shell_code(EXIT_MICROVM_ERROR);
                 ended(code, Some(message), false)
             }
             (Err(agent::Error::GuestEnded), end) => {

@@ -318,6 +318,18 @@ pub enum StartFailure {
     Other,
 }
 
+impl StartFailure {
+    /// The shell's (and docker's) status for it: 127, 126, or `other` for the rest, which
+    /// callers number their own way (docker's 125, runc's 1).
+    pub fn shell_code(self, other: i32) -> i32 {
+        match self {
+            StartFailure::NotFound => 127,
+            StartFailure::NotExecutable => 126,
+            StartFailure::Other => other,
+        }
+    }
+}
+
 /// Control messages, both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -666,5 +678,8 @@ mod tests {
     fn shell_codes() {
         assert_eq!(ExitStatus::Code(7).as_shell_code(), 7);
         assert_eq!(ExitStatus::Signal(9).as_shell_code(), 137);
+        assert_eq!(StartFailure::NotFound.shell_code(125), 127);
+        assert_eq!(StartFailure::NotExecutable.shell_code(125), 126);
+        assert_eq!(StartFailure::Other.shell_code(1), 1);
     }
 }

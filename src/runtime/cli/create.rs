@@ -2,11 +2,10 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{Cli, Error};
-use crate::agent::{Control, HostIo};
+use crate::agent::HostIo;
 use crate::backend::Hypervisor;
 use crate::cli::foreground::{self, RawTerminal};
 use crate::container::ready;
@@ -182,12 +181,7 @@ pub fn supervise(cli: &Cli, id: &str) -> i32 {
     } else {
         None
     };
-    let signals = Mutex::new(Some(signals));
-    let forward = |control: Control| {
-        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            foreground::forward_signals(signals, control);
-        }
-    };
+    let forward = foreground::forwarder(signals);
     let ready_pipe = ready_pipe.take();
     // Whether `create` heard of a start; if not, it reports the failure itself.
     let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -10,15 +10,14 @@ use std::sync::Mutex;
 use nix::fcntl::{Flock, FlockArg};
 
 use super::{Cli, Error};
-use crate::agent::{Control, HostIo, Outcome};
-use crate::cli::foreground::{self, RawTerminal};
-use crate::container::exec::{exec_observed, ExecRequest};
+use crate::agent::Outcome;
+use crate::cli::foreground;
+use crate::container::exec::ExecRequest;
 use crate::container::ready;
 use crate::container::supervisor::Started;
 use crate::container::Container;
 use crate::runtime::bundle::process_config;
 use crate::runtime::{console, errlog, oci_state, spawn};
-use microvm_agent_protocol::StartFailure;
 
 /// Where live exec relays hold their lock files.
 const RELAYS: &str = "execs";
@@ -196,10 +195,7 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> Result<i32, Error> {
 }
 
 /// Runs `req` with this process's stdio, forwarding signals; returns the exit status.
-fn foreground(c: &Container, mut req: ExecRequest) -> i32 {
-    if req.tty && req.winsize.is_none() {
-        req.winsize = foreground::terminal_size();
-    }
+fn foreground(c: &Container, req: ExecRequest) -> i32 {
     let signals = match foreground::block_signals() {
         Ok(s) => s,
         Err(e) => {
@@ -207,34 +203,16 @@ fn foreground(c: &Container, mut req: ExecRequest) -> i32 {
             return super::EXIT_FAILURE;
         }
     };
-    let raw = req.tty.then(RawTerminal::enable).flatten();
-    let signals = Mutex::new(Some(signals));
-    let forward = |control: Control| {
-        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            foreground::forward_signals(signals, control);
-        }
-    };
-    let outcome = exec_observed(c, req, HostIo::terminal(), forward, |_| {});
-    drop(raw);
-    match outcome {
+    match foreground::exec_here(c, req, signals, |_| {}) {
         Ok(Outcome::Exited(status)) => status.as_shell_code(),
         Ok(Outcome::StartFailed { kind, message }) => {
             errlog::error(&message);
-            start_failure_code(kind)
+            kind.shell_code(super::EXIT_FAILURE)
         }
         Err(e) => {
             errlog::error(&e.to_string());
             super::EXIT_FAILURE
         }
-    }
-}
-
-/// The status of a process that did not start: the shell's 127 and 126, else runc's 1.
-fn start_failure_code(kind: StartFailure) -> i32 {
-    match kind {
-        StartFailure::NotFound => 127,
-        StartFailure::NotExecutable => 126,
-        StartFailure::Other => super::EXIT_FAILURE,
     }
 }
 
@@ -257,7 +235,7 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    let mut req: ExecRequest = match std::fs::read(request)
+    let req: ExecRequest = match std::fs::read(request)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
@@ -265,20 +243,9 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
         Err(e) => return fail(format!("exec request {}: {e}", request.display())),
     };
     let _ = std::fs::remove_file(request);
-    if req.tty && req.winsize.is_none() {
-        // The engine may have sized the terminal it got before this relay started.
-        req.winsize = foreground::terminal_size();
-    }
     let _registration = match register(&c) {
         Ok(r) => r,
         Err(e) => return fail(e),
-    };
-    let raw = req.tty.then(RawTerminal::enable).flatten();
-    let signals = Mutex::new(Some(signals));
-    let forward = |control: Control| {
-        if let Some(signals) = signals.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            foreground::forward_signals(signals, control);
-        }
     };
     let ready_pipe = Mutex::new(ready.take());
     let on_started = |_pid: i32| {
@@ -286,12 +253,15 @@ pub fn relay(cli: &Cli, id: &str, request: &Path) -> i32 {
             ready::report(pipe, &Started::Running);
         }
     };
-    let outcome = exec_observed(&c, req, HostIo::terminal(), forward, on_started);
-    drop(raw);
+    // The engine may have sized the terminal it got before this relay started: exec_here
+    // passes that size on when process.json had none.
+    let outcome = foreground::exec_here(&c, req, signals, on_started);
     let pipe = ready_pipe.lock().unwrap_or_else(|e| e.into_inner()).take();
     let (code, message) = match outcome {
         Ok(Outcome::Exited(status)) => (status.as_shell_code(), None),
-        Ok(Outcome::StartFailed { kind, message }) => (start_failure_code(kind), Some(message)),
+        Ok(Outcome::StartFailed { kind, message }) => {
+            (kind.shell_code(super::EXIT_FAILURE), Some(message))
+        }
         Err(e) => (super::EXIT_FAILURE, Some(e.to_string())),
     };
     match (pipe, message) {
