@@ -88,13 +88,14 @@ impl Bundle {
         Ok(path)
     }
 
-    /// The container record for `id`; `warn` hears what is accepted but has no effect in a VM.
+    /// The container record for `id` and the terminal's size (rows, columns) when the process
+    /// has one; `warn` hears what is accepted but has no effect in a VM.
     pub fn config(
         &self,
         id: &str,
         choices: &HostChoices,
         warn: &mut dyn FnMut(String),
-    ) -> Result<ContainerConfig, Error> {
+    ) -> Result<(ContainerConfig, Option<(u16, u16)>), Error> {
         let spec = &self.spec;
         let rootfs = self.rootfs()?;
         let read_only = spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
@@ -102,7 +103,7 @@ impl Bundle {
             .process()
             .as_ref()
             .ok_or_else(|| self.error("config.json has no process"))?;
-        let (process, _) = self.process(process, warn)?;
+        let (process, console_size) = self.process(process, warn)?;
         let (binds, guest_mounts) = self.mounts(spec.mounts().as_deref().unwrap_or_default())?;
         let annotations = self.annotations();
         let (cpus, memory_mib) = self.size(&annotations)?;
@@ -136,7 +137,7 @@ impl Bundle {
         if spec.hooks().is_some() {
             warn("the bundle's hooks are not run: microvm-runtime does not run host hooks".into());
         }
-        Ok(ContainerConfig {
+        let config = ContainerConfig {
             id: id.to_string(),
             name: id.to_string(),
             created: crate::container::state::now(),
@@ -158,7 +159,8 @@ impl Bundle {
             guest_mounts,
             devices: self.devices()?,
             wait_start: true,
-        })
+        };
+        Ok((config, console_size))
     }
 
     /// The process: argv, environment, user, terminal and what it may do.
@@ -179,14 +181,16 @@ impl Bundle {
             let options = m.options().clone().unwrap_or_default();
             let typ = m.typ().clone().unwrap_or_default();
             let is_bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
-            let source = if is_bind && target == "/dev/shm" {
+            let (source, options) = if is_bind && target == "/dev/shm" {
                 // The engine's shared-memory directory cannot be shared with a VM's processes
                 // (its files would have to be mapped on both sides); the container gets its
                 // own, as a tmpfs in the guest.
-                GuestMountSource::Kernel {
+                let source = GuestMountSource::Kernel {
                     fstype: "tmpfs".into(),
                     source: "shm".into(),
-                }
+                };
+                let options = ["nosuid", "nodev", "noexec", "mode=1777", "size=65536k"];
+                (source, options.map(String::from).to_vec())
             } else if is_bind {
                 let src = m
                     .source()
@@ -212,18 +216,19 @@ impl Bundle {
                     read_only: options.iter().any(|o| o == "ro"),
                     recursive,
                 });
-                GuestMountSource::Shared { entry, recursive }
+                (GuestMountSource::Shared { entry, recursive }, options)
             } else {
                 match typ.as_str() {
                     "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "cgroup" | "cgroup2" => {
-                        GuestMountSource::Kernel {
+                        let source = GuestMountSource::Kernel {
                             fstype: typ.clone(),
                             source: m
                                 .source()
                                 .as_ref()
                                 .map(|s| s.display().to_string())
                                 .unwrap_or_else(|| typ.clone()),
-                        }
+                        };
+                        (source, options)
                     }
                     "" => {
                         return Err(self.error(format!("mount at {target} has no type")));
@@ -234,13 +239,6 @@ impl Bundle {
                         )))
                     }
                 }
-            };
-            let options = if target == "/dev/shm" && is_bind {
-                ["nosuid", "nodev", "noexec", "mode=1777", "size=65536k"]
-                    .map(String::from)
-                    .to_vec()
-            } else {
-                options
             };
             out.push(GuestMount {
                 target,
@@ -291,11 +289,9 @@ impl Bundle {
             .spec
             .linux()
             .as_ref()
-            .and_then(|l| l.resources().clone());
-        let (mut cpus, mut memory) = match &resources {
-            Some(r) => vm_size(r).map_err(|why| self.error(why))?,
-            None => (1, DEFAULT_MEMORY_MIB),
-        };
+            .and_then(|l| l.resources().clone())
+            .unwrap_or_default();
+        let (mut cpus, mut memory) = vm_size(&resources).map_err(|why| self.error(why))?;
         if let Some(v) = annotations.get(ANNOTATION_CPUS) {
             cpus = v
                 .parse::<u8>()
@@ -573,7 +569,8 @@ mod tests {
         let (cpus, memory) = b.size(&b.annotations()).unwrap();
         assert_eq!((cpus, memory), (2, 512 + GUEST_OVERHEAD_MIB));
         if crate::host::default_kernel().is_some() {
-            let c = b.config("x", &choices, &mut |_| {}).unwrap();
+            let (c, console) = b.config("x", &choices, &mut |_| {}).unwrap();
+            assert_eq!(console, Some((24, 80)));
             assert_eq!(c.hypervisor, Hypervisor::Qemu, "the annotation wins");
             assert!(matches!(
                 c.root,

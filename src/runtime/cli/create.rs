@@ -63,7 +63,7 @@ pub fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Error> {
     let choices = HostChoices {
         hypervisor: cli.hypervisor,
     };
-    let config = bundle.config(&args.id, &choices, &mut |w| errlog::warn(&w))?;
+    let (config, console_size) = bundle.config(&args.id, &choices, &mut |w| errlog::warn(&w))?;
     let tty = config.process.tty;
     console::check(tty, args.console_socket.as_deref())?;
     if config.hypervisor == Hypervisor::Qemu {
@@ -72,13 +72,6 @@ pub fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Error> {
             args.id
         ));
     }
-    let console_size = bundle
-        .spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.console_size())
-        .map(|b| (b.height().min(9999) as u16, b.width().min(9999) as u16))
-        .filter(|(h, w)| *h > 0 && *w > 0);
     let store = cli.containers()?;
     let c = store
         .create_with_id(&args.id, |_, _| config)
