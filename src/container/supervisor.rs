@@ -326,7 +326,7 @@ pub fn supervise(
 ) -> Result<Ended, Error> {
     let _lock = c.become_supervisor()?;
     let server = control::Server::bind(c)?;
-    let log = LogWriter::open(c.dir()).map_err(|e| Error::Other(e.to_string()))?;
+    let io = logged(c, streams)?;
     let mut state = c.state()?;
     state.status = Status::Created;
     state.exit_code = None;
@@ -354,25 +354,6 @@ pub fn supervise(
                 let live = live.clone();
                 server.serve(move |req| live.handle(req))?;
             }
-            let io = match streams {
-                Streams::Foreground(io) => HostIo {
-                    stdin: io.stdin,
-                    stdout: Box::new(Tee {
-                        log: log.sink(logs::Stream::Stdout),
-                        user: io.stdout,
-                    }),
-                    stderr: Box::new(Tee {
-                        log: log.sink(logs::Stream::Stderr),
-                        user: io.stderr,
-                    }),
-                },
-                Streams::Inherited(io) => io,
-                Streams::Detached => HostIo {
-                    stdin: Box::new(std::io::empty()),
-                    stdout: Box::new(log.sink(logs::Stream::Stdout)),
-                    stderr: Box::new(log.sink(logs::Stream::Stderr)),
-                },
-            };
             let observer = ForwardControl {
                 live: live.clone(),
                 on_control,
@@ -419,6 +400,37 @@ pub fn supervise(
         }
     }
     Ok(ended)
+}
+
+/// The process's streams with the container's log behind them, except an engine's, which keep
+/// their own log (no log file is made for those).
+fn logged(c: &Container, streams: Streams) -> Result<HostIo, Error> {
+    let open = || LogWriter::open(c.dir()).map_err(|e| Error::Other(e.to_string()));
+    Ok(match streams {
+        Streams::Inherited(io) => io,
+        Streams::Foreground(io) => {
+            let log = open()?;
+            HostIo {
+                stdin: io.stdin,
+                stdout: Box::new(Tee {
+                    log: log.sink(logs::Stream::Stdout),
+                    user: io.stdout,
+                }),
+                stderr: Box::new(Tee {
+                    log: log.sink(logs::Stream::Stderr),
+                    user: io.stderr,
+                }),
+            }
+        }
+        Streams::Detached => {
+            let log = open()?;
+            HostIo {
+                stdin: Box::new(std::io::empty()),
+                stdout: Box::new(log.sink(logs::Stream::Stdout)),
+                stderr: Box::new(log.sink(logs::Stream::Stderr)),
+            }
+        }
+    })
 }
 
 /// The supervisor's observer, also handing the control handle to the foreground caller.
