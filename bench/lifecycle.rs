@@ -14,14 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-fn report(what: &str, v: Vec<f64>) {
-    println!(
-        "{what:<44} median {:>8.1} ms   p90 {:>8.1} ms   ({} runs)",
-        common::median(v.clone()),
-        common::p90(v.clone()),
-        v.len()
-    );
-}
+use common::report;
 
 struct Mv {
     store: PathBuf,

@@ -20,17 +20,7 @@ use std::time::Instant;
 
 const RUNTIME: &str = env!("CARGO_BIN_EXE_microvm-runtime");
 
-fn report(what: &str, v: Vec<f64>) {
-    if v.is_empty() {
-        return;
-    }
-    println!(
-        "{what:<58} median {:>8.1} ms   p90 {:>8.1} ms   ({} runs)",
-        common::median(v.clone()),
-        common::p90(v.clone()),
-        v.len()
-    );
-}
+use common::report;
 
 struct Podman {
     root: PathBuf,
@@ -118,22 +108,7 @@ fn main() {
         root: dir.join("storage"),
         runroot: PathBuf::from(format!("/tmp/mvbench-{}", std::process::id())),
     };
-    let layout = format!("oci:{}:latest", dir.join("images/box").display());
-    let o = podman
-        .cmd("runc")
-        .args(["pull", "-q", &layout])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "podman pull: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let _ = podman
-        .cmd("runc")
-        .args(["tag", &id, "localhost/box:latest"])
-        .output();
+    common::podman_load_box(|| podman.cmd("runc"), &dir.join("images"));
 
     println!(
         "podman run --rm box true, {runs} runs each (vfs storage, no network; {} cores)",

@@ -98,12 +98,7 @@ impl Podman {
             dir: work_dir(name),
             runroot: PathBuf::from(format!("/tmp/mvrt-{}-{n}", std::process::id())),
         };
-        let layout = format!("oci:{}:latest", images.join("box").display());
-        let o = p.run(&["pull", "-q", &layout]);
-        assert_eq!(o.status.code(), Some(0), "podman pull: {}", text(&o.stderr));
-        let id = text(&o.stdout).trim().to_string();
-        let o = p.run(&["tag", &id, "localhost/box:latest"]);
-        assert_eq!(o.status.code(), Some(0), "podman tag: {}", text(&o.stderr));
+        common::podman_load_box(|| p.cmd(), images);
         Some(p)
     }
 

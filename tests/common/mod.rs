@@ -64,6 +64,35 @@ pub const PODMAN_RUN_FLAGS: [&str; 6] = [
     "nproc=4096:4096",
 ];
 
+/// Prints a benchmark line: the median and p90 of `v` (milliseconds) under `what`; nothing for
+/// an empty sample.
+pub fn report(what: &str, v: Vec<f64>) {
+    if v.is_empty() {
+        return;
+    }
+    println!(
+        "{what:<58} median {:>8.1} ms   p90 {:>8.1} ms   ({} runs)",
+        median(v.clone()),
+        p90(v.clone()),
+        v.len()
+    );
+}
+
+/// Loads the test image `box` of make-test-images.sh (in `images`) into the podman whose
+/// command line `podman` starts, as `localhost/box:latest`.
+pub fn podman_load_box(podman: impl Fn() -> Command, images: &Path) {
+    let layout = format!("oci:{}:latest", images.join("box").display());
+    let o = podman().args(["pull", "-q", &layout]).output().unwrap();
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "podman pull: {}", err(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let o = podman()
+        .args(["tag", &id, "localhost/box:latest"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "podman tag: {}", err(&o));
+}
+
 /// 90th percentile of a sample (nearest rank).
 pub fn p90(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
