@@ -21,6 +21,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Asserts that `o`'s stderr contains `words`, showing it otherwise.
+fn says(o: &Output, words: &str) {
+    let err = text(&o.stderr);
+    assert!(err.contains(words), "expected {words:?} in: {err}");
+}
+
 fn have(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
@@ -179,7 +185,7 @@ fn podman_runs_each_container_in_its_own_vm() {
     ));
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "out\n");
-    assert!(text(&o.stderr).contains("err"), "{}", text(&o.stderr));
+    says(&o, "err");
 
     let cidfile = p.dir.join("cid").display().to_string();
     // The id is written to a file, to be looked for afterwards; the bundle's user,
@@ -256,11 +262,7 @@ fn podman_runs_each_container_in_its_own_vm() {
     // A program that does not exist: podman's 127 and the reason.
     let o = p.run(&Podman::run_args(&["--rm"], &["no-such-program"]));
     assert_eq!(o.status.code(), Some(127), "{}", text(&o.stderr));
-    assert!(
-        text(&o.stderr).contains("executable file not found"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "executable file not found");
 }
 
 #[test]
@@ -676,17 +678,9 @@ fn the_command_line_answers_as_runc_does() {
     // Engines match these words.
     let o = runtime(&root, &["state", "nope"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o.stderr).contains("container \"nope\" does not exist"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "container \"nope\" does not exist");
     let o = runtime(&root, &["kill", "nope", "KILL"]);
-    assert!(
-        text(&o.stderr).contains("does not exist"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "does not exist");
     let o = runtime(&root, &["delete", "--force", "nope"]);
     assert_eq!(
         o.status.code(),
@@ -696,11 +690,7 @@ fn the_command_line_answers_as_runc_does() {
     );
     let o = runtime(&root, &["state", "../x"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o.stderr).contains("invalid container id"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "invalid container id");
     let o = runtime(&root, &["list", "--format", "json"]);
     assert_eq!((o.status.code(), text(&o.stdout).trim()), (Some(0), "[]"));
     let o = runtime(&root, &["features"]);
@@ -785,11 +775,7 @@ fn the_command_line_answers_as_runc_does() {
     }
     let o = runtime(&root, &["create", "--bundle", "/nonexistent", "bad2"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o.stderr).contains("/nonexistent"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "/nonexistent");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -877,11 +863,7 @@ fn create_waits_for_start_and_delete_refuses_a_running_container() {
         &root,
         &["create", "--bundle", bundle.to_str().unwrap(), "c1"],
     );
-    assert!(
-        text(&o.stderr).contains("container with id exists: c1"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "container with id exists: c1");
 
     let o = runtime(&root, &["start", "c1"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
@@ -901,28 +883,19 @@ fn create_waits_for_start_and_delete_refuses_a_running_container() {
     );
     assert!(!ro_dir.join("f").exists());
     let o = runtime(&root, &["start", "c1"]);
-    assert!(
-        text(&o.stderr).contains("already running"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "already running");
     let o = runtime(&root, &["delete", "c1"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o.stderr).contains("cannot delete container c1 that is not stopped: running"),
-        "{}",
-        text(&o.stderr)
+    says(
+        &o,
+        "cannot delete container c1 that is not stopped: running",
     );
     let o = runtime(&root, &["ps", "--format", "json", "c1"]);
     let pids: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(pids, vec![pid]);
     let o = runtime(&root, &["update", "--memory", "99999999999", "c1"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o.stderr).contains("does not fit"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "does not fit");
     let o = runtime(&root, &["update", "--memory", "67108864", "c1"]);
     assert_eq!(
         o.status.code(),
@@ -938,11 +911,7 @@ fn create_waits_for_start_and_delete_refuses_a_running_container() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let o = runtime(&root, &["kill", "c1", "9"]);
-    assert!(
-        text(&o.stderr).contains("container not running"),
-        "{}",
-        text(&o.stderr)
-    );
+    says(&o, "container not running");
     // Two engines' deletes at once: both succeed, one removes it.
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| runtime(&root, &["delete", "--force", "c1"]));
