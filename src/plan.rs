@@ -83,4 +83,38 @@ pub struct VmPlan {
     /// virtio-fs shares, attached after the disks. Guest RAM is a shared memfd when there is
     /// any, since the backends must map it.
     pub shares: Vec<FsPlan>,
+    /// The network device, attached last; `None` leaves the guest only loopback.
+    pub net: Option<NetPlan>,
+}
+
+/// A virtio-net device: the guest's Ethernet interface and the host end of its frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetPlan {
+    /// The MAC address the guest's interface takes (virtio-net config `mac`).
+    pub mac: [u8; 6],
+    /// The largest IP packet the backend carries (virtio-net config `mtu`).
+    pub mtu: u16,
+    /// Where the frames go.
+    pub backend: NetBackend,
+}
+
+/// The host end of a virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// An existing tap device `name`, in the network namespace bound at `netns` (ours when
+    /// `None`), opened with a virtio-net header so checksum and segmentation offloads pass
+    /// through.
+    Tap {
+        /// The tap's interface name.
+        name: String,
+        /// A network namespace file (e.g. /run/netns/NAME or /proc/PID/ns/net).
+        netns: Option<PathBuf>,
+    },
+    /// A Unix stream socket a user-mode network stack (passt) listens on, carrying frames
+    /// with passt's and QEMU's `-netdev stream` framing: a 32-bit big-endian length, then the
+    /// Ethernet frame.
+    Stream {
+        /// The socket's path.
+        socket: PathBuf,
+    },
 }

@@ -24,6 +24,7 @@ fn plan(dir: &Path, disks: Vec<DiskPlan>) -> VmPlan {
         console: Console::File(dir.join("console.log")),
         vsock: None,
         disks,
+        net: None,
         shares: Vec::new(),
     }
 }

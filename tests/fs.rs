@@ -25,6 +25,7 @@ fn plan(dir: &Path, mode: &str, socket: PathBuf) -> VmPlan {
         console: Console::File(dir.join("console.log")),
         vsock: None,
         disks: Vec::new(),
+        net: None,
         shares: vec![FsPlan {
             tag: "hostdata".into(),
             socket,

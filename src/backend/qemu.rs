@@ -277,6 +277,7 @@ mod tests {
             console: Console::Stderr,
             vsock: None,
             disks: Vec::new(),
+            net: None,
             shares: vec![
                 FsPlan {
                     tag: "data".into(),

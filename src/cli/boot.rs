@@ -105,6 +105,7 @@ pub fn run(args: BootArgs) -> i32 {
             uds_path,
         }),
         disks,
+        net: None,
         shares: Vec::new(),
     };
     // Ctrl-C, SIGTERM and SIGHUP stop the VM (status 128+n); blocked before any thread starts.

@@ -214,6 +214,7 @@ impl Launch {
                 uds_path: run_dir.0.join("vsock.sock"),
             }),
             disks,
+            net: None,
             shares,
         };
         Ok(Launch {
@@ -259,6 +260,7 @@ impl Launch {
                 read_only: false,
                 serial: SCRATCH_SERIAL.into(),
             }],
+            net: None,
             shares: Vec::new(),
         };
         Ok(Launch {

@@ -305,6 +305,7 @@ mod tests {
             console: Console::Stderr,
             vsock: None,
             disks: Vec::new(),
+            net: None,
             shares: vec![share("a"), share("b")],
         };
         assert_eq!(duplicate_tag(&plan), None);
