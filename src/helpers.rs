@@ -42,3 +42,22 @@ pub fn die_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+/// Gives the child `fd` as descriptor number `target` (inherited across exec); `fd` must stay
+/// open in the parent until the child is spawned.
+pub fn pass_fd(cmd: &mut Command, fd: std::os::fd::RawFd, target: i32) {
+    // SAFETY: dup2 and fcntl are async-signal-safe and touch no parent memory; `fd` is open in
+    // the parent until spawn returns, so it is valid in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 onto itself keeps FD_CLOEXEC, so clear it either way.
+            if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

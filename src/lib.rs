@@ -15,6 +15,7 @@ pub mod host;
 pub mod image;
 pub mod initramfs;
 pub mod logging;
+pub mod network;
 pub mod plan;
 pub mod runtime;
 pub mod scratch;

@@ -101,9 +101,9 @@ pub struct NetPlan {
 /// The host end of a virtio-net device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackend {
-    /// An existing tap device `name`, in the network namespace bound at `netns` (ours when
-    /// `None`), opened with a virtio-net header so checksum and segmentation offloads pass
-    /// through.
+    /// The tap device `name`, in the network namespace bound at `netns` (ours when `None`),
+    /// opened with a virtio-net header so checksum and segmentation offloads pass through.
+    /// Made if missing, and then gone with the VM's descriptor.
     Tap {
         /// The tap's interface name.
         name: String,
@@ -117,4 +117,20 @@ pub enum NetBackend {
         /// The socket's path.
         socket: PathBuf,
     },
+    /// Our end of a connected Unix stream socket pair whose other end a user-mode network
+    /// stack holds (`passt --fd`), with the same framing as [`NetBackend::Stream`]. Nothing to
+    /// wait for or connect to; each backend duplicates it for its device.
+    Connected(SharedFd),
 }
+
+/// A descriptor several owners hold (a plan is cloned); equal when it is the same one.
+#[derive(Debug, Clone)]
+pub struct SharedFd(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl PartialEq for SharedFd {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedFd {}

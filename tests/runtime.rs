@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kernel_or_skip, skip, test_images, PODMAN_RUN_FLAGS};
+use common::{http_server, kernel_or_skip, skip, test_images, EngineNetns, PODMAN_RUN_FLAGS};
 
 const RUNTIME: &str = env!("CARGO_BIN_EXE_microvm-runtime");
 /// The backend, for engines that pass annotations through.
@@ -922,4 +922,53 @@ fn create_waits_for_start_and_delete_refuses_a_running_container() {
     assert_eq!(b.status.code(), Some(0), "{}", text(&b.stderr));
     assert!(!record(&root, "c1").exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn podman_hands_its_network_namespace_to_the_vm() {
+    let name = "podman with a network namespace";
+    if kernel_or_skip(name).is_none() {
+        return;
+    }
+    let Some(p) = Podman::new("podman-netns") else {
+        return;
+    };
+    // podman's own bridge needs iptables and a firewall this fleet's hosts do not run, so the
+    // namespace is made the way its CNI plugins make one, and podman hands it over as it
+    // hands over any: in the bundle's linux.namespaces.
+    let Some(ns) = EngineNetns::make("podman", 232) else {
+        skip(
+            name,
+            "cannot make a network namespace with a veth here (needs root and iproute2)",
+        );
+        return;
+    };
+    let port = http_server("10.232.0.1:0", "the-engines-network");
+    let netns = format!("ns:{}", ns.path());
+    let script = format!("ip -o addr show eth0; wget -q -O - http://10.232.0.1:{port}/; echo");
+    let mut args = vec!["run", "--rm", "--network", &netns];
+    // This fleet's flags but their --network none.
+    args.extend(PODMAN_RUN_FLAGS.iter().skip(2));
+    args.extend(["--annotation", QEMU, "localhost/box", "sh", "-c", &script]);
+    let o = p.run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("inet 10.232.0.2/24"), "{out}");
+    assert!(out.contains("the-engines-network"), "{out}");
+    assert!(!ns.links().contains("microvm-tap0"), "{}", ns.links());
+
+    // A namespace with no veth (podman's --network none) leaves the VM only loopback.
+    let mut args = vec!["run", "--rm"];
+    args.extend(PODMAN_RUN_FLAGS);
+    args.extend([
+        "--annotation",
+        QEMU,
+        "localhost/box",
+        "sh",
+        "-c",
+        "ip -o link | cut -d: -f2",
+    ]);
+    let o = p.run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "lo");
 }

@@ -6,6 +6,7 @@
 //!
 //! QEMU does not treat TCG as a security boundary: callers must say so to the user.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::helpers::{die_with_parent, find, Missing};
-use crate::plan::{Console, VmPlan};
+use crate::devices::virtio::net::tap;
+use crate::helpers::{die_with_parent, find, pass_fd, Missing};
+use crate::plan::{Console, NetBackend, NetPlan, VmPlan};
 
 /// QEMU's microvm has no i8042: the guest resets by triple fault, which `-no-reboot` turns into
 /// QEMU exiting.
@@ -43,9 +45,51 @@ pub enum Error {
     /// More devices than QEMU's microvm has transports.
     #[error("{0} virtio devices do not fit QEMU's microvm, which has {TRANSPORTS} transports")]
     TooManyDevices(usize),
+    /// The network backend could not be opened.
+    #[error("the VM's network: {0}")]
+    Net(String),
     /// Preparing files for QEMU failed.
     #[error("preparing the QEMU run: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The descriptor number QEMU gets its network backend on.
+const NET_FD: i32 = 10;
+
+/// QEMU's virtio-net device on the plan's backend: a tap opened here (in its namespace) or a
+/// socket to passt, each handed to QEMU as [`NET_FD`]. Returns the descriptor to keep open
+/// until QEMU is spawned.
+fn net_args(cmd: &mut Command, net: &NetPlan) -> Result<Option<OwnedFd>, Error> {
+    let (netdev, fd) = match &net.backend {
+        NetBackend::Tap { name, netns } => {
+            let fd = tap::open(name, netns.as_deref()).map_err(|e| Error::Net(e.to_string()))?;
+            pass_fd(cmd, fd.as_raw_fd(), NET_FD);
+            (format!("tap,id=net0,fd={NET_FD},vhost=off"), Some(fd))
+        }
+        NetBackend::Connected(shared) => {
+            pass_fd(cmd, shared.0.as_raw_fd(), NET_FD);
+            (
+                format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+                None,
+            )
+        }
+        NetBackend::Stream { socket } => (
+            format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                opt_value(&socket.to_string_lossy())
+            ),
+            None,
+        ),
+    };
+    let mac = microvm_agent_protocol::mac_text(&net.mac);
+    cmd.args(["-netdev", &netdev]).args([
+        "-device",
+        &format!(
+            "virtio-net-device,netdev=net0,mac={mac},host_mtu={}",
+            net.mtu
+        ),
+    ]);
+    Ok(fd)
 }
 
 /// A running QEMU and the helper it needs.
@@ -148,7 +192,10 @@ impl Qemu {
                 Some(joined)
             }
         };
-        let devices = plan.disks.len() + usize::from(plan.vsock.is_some()) + plan.shares.len();
+        let devices = plan.disks.len()
+            + usize::from(plan.vsock.is_some())
+            + plan.shares.len()
+            + usize::from(plan.net.is_some());
         if devices > TRANSPORTS {
             return Err(Error::TooManyDevices(devices));
         }
@@ -168,6 +215,11 @@ impl Qemu {
         }
         let mem = plan.memory_mib;
         let mut cmd = Command::new(qemu_bin);
+        // Kept open until QEMU is spawned: it gets its own copy.
+        let _net_fd = match &plan.net {
+            Some(net) => Some(net_args(&mut cmd, net)?),
+            None => None,
+        };
         cmd.args([
             "-M",
             "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",

@@ -13,6 +13,7 @@ use crate::container::{
     self, config::parse_signal, launch::check_slots, Container, ContainerConfig, ProcessConfig,
     RootSource,
 };
+use crate::network::{self, NetworkConfig};
 use crate::volumes;
 
 /// The flags that make a container (`create`, and `run` on top of them).
@@ -66,6 +67,16 @@ pub struct CreateArgs {
     /// Signal that `stop` sends first [default: the image's StopSignal, else SIGTERM].
     #[arg(long, value_name = "SIGNAL")]
     pub stop_signal: Option<String>,
+    /// Network: passt (the default: user-mode networking, outbound access, -p), none
+    /// (loopback only), or ns:PATH (take over the veth of an existing network namespace).
+    #[arg(long = "network", alias = "net", value_name = "MODE")]
+    pub network: Option<String>,
+    /// Publish a container port on the host: [IP:][HOST_PORT:]CONTAINER_PORT[/tcp|/udp].
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CONTAINER")]
+    pub publish: Vec<String>,
+    /// A name server for the container's /etc/resolv.conf (instead of the host's, forwarded).
+    #[arg(long, value_name = "IP")]
+    pub dns: Vec<String>,
     /// Remove the container (and its sandbox layer) when its process exits.
     #[arg(long)]
     pub rm: bool,
@@ -125,7 +136,14 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
     let kernel = args.vm.kernel()?;
     // A later `start` may run from another directory.
     let kernel = kernel.canonicalize().unwrap_or(kernel);
-    check_slots(hypervisor, volumes.len(), !args.rootfs)?;
+    let network = NetworkConfig::from_flags(args.network.as_deref(), &args.publish, &args.dns)
+        .map_err(|e| e.to_string())?;
+    check_slots(
+        hypervisor,
+        volumes.len(),
+        !args.rootfs,
+        network.mode != network::Mode::None,
+    )?;
     let given_stop_signal = args.stop_signal.as_deref().map(parse_signal).transpose()?;
 
     let (root, defaults, image_stop_signal) = if args.rootfs {
@@ -202,6 +220,7 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
         guest_mounts: Vec::new(),
         devices: Vec::new(),
         wait_start: false,
+        network,
     });
     made.map_err(|e| e.to_string())
 }

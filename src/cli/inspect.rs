@@ -7,6 +7,7 @@ use serde_json::json;
 use super::{error_line, EXIT_MICROVM_ERROR};
 use crate::container::state::rfc3339;
 use crate::container::{self, Container, RootSource, Status};
+use crate::network::NetworkConfig;
 
 /// Flags of `microvm inspect`.
 #[derive(Debug, Args)]
@@ -73,10 +74,52 @@ pub fn inspect_json(c: &Container) -> Result<serde_json::Value, container::Error
             "Memory": cfg.memory_mib << 20,
             "NanoCpus": u64::from(cfg.cpus) * 1_000_000_000,
             "Timeout": cfg.timeout,
+            "NetworkMode": cfg.network.mode.name(),
+            "Dns": cfg.network.dns,
         },
+        "NetworkSettings": network_settings(&cfg.network),
         "SandboxLayer": c.scratch(),
         "LogPath": c.dir().join("container.log"),
     }))
+}
+
+/// docker's NetworkSettings: the guest's addresses (the namespace's veth is read now) and the
+/// published ports.
+fn network_settings(net: &NetworkConfig) -> serde_json::Value {
+    let spec = net.guest_spec();
+    let spec = spec.as_ref();
+    let first =
+        |v4: bool| spec.and_then(|s| s.addresses.iter().find(|a| a.address.is_ipv4() == v4));
+    let gateway = |v4: bool| {
+        spec.and_then(|s| {
+            s.routes
+                .iter()
+                .filter(|r| r.destination.is_none())
+                .find_map(|r| r.gateway.filter(|g| g.is_ipv4() == v4))
+        })
+    };
+    let text = |v: Option<String>| v.unwrap_or_default();
+    let mut ports = serde_json::Map::new();
+    for p in &net.ports {
+        ports.insert(
+            format!("{}/{}", p.container_port, p.protocol),
+            json!([{
+                "HostIp": p.host_ip.map_or("0.0.0.0".to_string(), |ip| ip.to_string()),
+                "HostPort": p.host_port.to_string(),
+            }]),
+        );
+    }
+    json!({
+        "Mode": net.mode.name(),
+        "IPAddress": text(first(true).map(|a| a.address.to_string())),
+        "IPPrefixLen": first(true).map_or(0, |a| a.prefix_len),
+        "Gateway": text(gateway(true).map(|g| g.to_string())),
+        "GlobalIPv6Address": text(first(false).map(|a| a.address.to_string())),
+        "GlobalIPv6PrefixLen": first(false).map_or(0, |a| a.prefix_len),
+        "IPv6Gateway": text(gateway(false).map(|g| g.to_string())),
+        "MacAddress": text(spec.map(|s| microvm_agent_protocol::mac_text(&s.mac))),
+        "Ports": ports,
+    })
 }
 
 /// Runs `microvm inspect`.

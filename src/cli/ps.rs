@@ -33,6 +33,7 @@ struct Row {
     state: &'static str,
     status: String,
     exit_code: Option<i32>,
+    ports: String,
 }
 
 /// Docker's STATUS column.
@@ -61,6 +62,14 @@ fn row(c: &Container, state: &State) -> Row {
         state: state.status.as_str(),
         status: status_text(state),
         exit_code: (state.status == Status::Exited).then_some(state.exit_code.unwrap_or(0)),
+        ports: c
+            .config
+            .network
+            .ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -96,6 +105,7 @@ pub fn ps(args: PsArgs) -> i32 {
             "COMMAND",
             "CREATED",
             "STATUS",
+            "PORTS",
             "NAMES",
         ]
         .map(String::from);
@@ -108,6 +118,7 @@ pub fn ps(args: PsArgs) -> i32 {
                     clip(&format!("\"{}\"", r.command), 24),
                     format!("{} ago", human_duration(t - created)),
                     r.status.clone(),
+                    r.ports.clone(),
                     r.names.clone(),
                 ]
             })

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::network::NetworkConfig;
 use serde::{Deserialize, Serialize};
 
 use microvm_agent_protocol::{DeviceSpec, GuestMount, ProcessOptions};
@@ -100,6 +101,9 @@ pub struct ContainerConfig {
     /// runtime's `create`).
     #[serde(default)]
     pub wait_start: bool,
+    /// Its network (records from before networking have none).
+    #[serde(default)]
+    pub network: NetworkConfig,
 }
 
 impl ContainerConfig {

@@ -13,6 +13,7 @@ use super::config::RootSource;
 use super::store::Container;
 use crate::agent::{self, Control, HostIo, Listener, Outcome, Progress, Session};
 use crate::backend::{self, Hypervisor, RunningVm, Stopper, VmEnd};
+use crate::network::{Mode, Network, NetworkConfig};
 use crate::plan::{Console, DiskPlan, FsPlan, VmPlan, VsockPlan, GUEST_CID};
 use crate::volumes::{self, Kind, Staged, Volume};
 
@@ -65,6 +66,8 @@ pub struct Launch {
     wants_stdin: bool,
     /// Volumes, one virtiofsd each, in the order of `plan.shares`.
     volumes: Vec<Volume>,
+    /// The network, set up when the run starts.
+    network: NetworkConfig,
     run_dir: RunDir,
     t_root: Duration,
     /// Keeps the image's layer images from `microvm prune` while the VM runs.
@@ -93,11 +96,11 @@ pub fn device_slots(h: Hypervisor) -> usize {
     }
 }
 
-/// Checks that `volumes` volumes fit the backend beside vsock and, for an image, the scratch
-/// disk and at least one layer; before anything is created.
-pub fn check_slots(h: Hypervisor, volumes: usize, image: bool) -> Result<(), String> {
+/// Checks that `volumes` volumes fit the backend beside vsock, the network device when there is
+/// one and, for an image, the scratch disk and at least one layer; before anything is created.
+pub fn check_slots(h: Hypervisor, volumes: usize, image: bool, net: bool) -> Result<(), String> {
     let slots = device_slots(h);
-    let fixed = if image { 3 } else { 1 };
+    let fixed = if image { 3 } else { 1 } + usize::from(net);
     if volumes + fixed > slots {
         return Err(format!(
             "{volumes} volumes are more than this backend can attach (at most {})",
@@ -129,7 +132,8 @@ impl Launch {
         }
         let first_volume = volumes.len();
         volumes.extend(cfg.volumes.iter().cloned());
-        check_slots(hypervisor, volumes.len(), image)?;
+        let net = cfg.network.mode != Mode::None;
+        check_slots(hypervisor, volumes.len(), image, net)?;
         let run_dir = new_run_dir()?;
         let base = crate::initramfs::base()
             .map_err(|e| format!("cannot write the boot initramfs: {e}"))?;
@@ -153,9 +157,10 @@ impl Launch {
                 (None, None)
             }
             RootSource::Image { reference, digest } => {
-                // Device slots left for layers once vsock, the scratch disk and the volumes
-                // have theirs.
-                let max_layers = device_slots(hypervisor).saturating_sub(2 + volumes.len());
+                // Device slots left for layers once vsock, the scratch disk, the network
+                // device and the volumes have theirs.
+                let max_layers =
+                    device_slots(hypervisor).saturating_sub(2 + usize::from(net) + volumes.len());
                 let (root, lease) =
                     image_root(reference, digest, &c.scratch(), max_layers, &mut disks)?;
                 (Some(root), Some(lease))
@@ -189,6 +194,8 @@ impl Launch {
             devices: cfg.devices.clone(),
             options: p.options.clone(),
             wait_start: cfg.wait_start,
+            // Filled in when the network is set up, just before the VM starts.
+            network: None,
         };
         let shares = (0..volumes.len())
             .map(|i| FsPlan {
@@ -223,6 +230,7 @@ impl Launch {
             wants_stdin: spec.stdin,
             first: Message::Run(spec),
             volumes,
+            network: cfg.network.clone(),
             run_dir,
             t_root,
             _lease: lease,
@@ -271,6 +279,7 @@ impl Launch {
             },
             wants_stdin: false,
             volumes: Vec::new(),
+            network: NetworkConfig::default(),
             run_dir,
             t_root: crate::timing::since_start(),
             _lease: None,
@@ -284,7 +293,7 @@ impl Launch {
 
     /// Boots the VM, runs the process with its streams on `io`, and waits for its end. Call on
     /// the thread that outlives the VM: helper processes are tied to it.
-    pub fn execute(self, io: HostIo, observer: &dyn Observer) -> Ended {
+    pub fn execute(mut self, io: HostIo, observer: &dyn Observer) -> Ended {
         let fail = |msg: String| Ended {
             code: EXIT_MICROVM_ERROR,
             process_exited: false,
@@ -316,12 +325,44 @@ impl Launch {
             Ok(s) => s,
             Err(e) => return fail(e.to_string()),
         };
+        let network = match Network::prepare(&self.network, &self.run_dir.0) {
+            Ok(n) => n,
+            Err(e) => return fail(e.to_string()),
+        };
+        self.plan.net = network.plan.clone();
+        if let Message::Run(spec) = &mut self.first {
+            spec.network = network.spec.clone();
+            // An engine's bundle comes with its own /etc/resolv.conf and /etc/hosts mounts.
+            if let (Some(net), true) = (&mut spec.network, spec.shared_root.is_some()) {
+                net.write_etc = false;
+            }
+        }
         let t_plan = crate::timing::since_start();
         let (vm, watch) = match RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0) {
             Ok(started) => started,
             Err(e) => return fail(e),
         };
         observer.vm_started(vm.stopper());
+        // A network that fails while the VM runs ends it with its reason, as a volume's does.
+        let net_failure = Arc::new(Mutex::new(None::<String>));
+        let network = {
+            let (failure, stopper) = (net_failure.clone(), vm.stopper());
+            network.vm_started(move |why| {
+                failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(why);
+                stopper.stop();
+            })
+        };
+        let network = match network {
+            Ok(n) => n,
+            Err(e) => {
+                vm.stop();
+                let _ = vm.wait(Duration::from_secs(10));
+                return fail(e.to_string());
+            }
+        };
         // A volume server that dies ends the VM with its reason, never a hung file request.
         let share_failure = Arc::new(Mutex::new(None::<String>));
         let shares = {
@@ -355,6 +396,7 @@ impl Launch {
         }
         let end = vm.wait(Duration::from_secs(10));
         shares.finish();
+        network.finish();
         let ms = |d: Option<Duration>| {
             d.map_or("-".to_string(), |d| {
                 format!("{:.1} ms", d.as_secs_f64() * 1e3)
@@ -377,12 +419,11 @@ impl Launch {
             details: Vec::new(),
             timings: timings.clone(),
         };
-        // A volume server's failure explains a run that ended without the command's status.
-        let share_failure = share_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let (Err(_), Some(why)) = (&outcome, share_failure) {
+        // A volume server's or passt's failure explains a run that ended without the
+        // command's status.
+        let take = |f: &Mutex<Option<String>>| f.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let helper_failure = take(&share_failure).or_else(|| take(&net_failure));
+        if let (Err(_), Some(why)) = (&outcome, helper_failure) {
             return ended(EXIT_MICROVM_ERROR, Some(why), false);
         }
         match (outcome, end) {

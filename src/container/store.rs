@@ -470,6 +470,7 @@ mod tests {
             guest_mounts: Vec::new(),
             devices: Vec::new(),
             wait_start: false,
+            network: Default::default(),
         }
     }
 

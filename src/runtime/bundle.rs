@@ -9,12 +9,13 @@ use std::path::{Component, Path, PathBuf};
 use microvm_agent_protocol::{
     Capabilities, DeviceSpec, GuestMount, GuestMountSource, ProcessOptions, Rlimit,
 };
-use oci_spec::runtime::{LinuxDeviceType, Mount, Process, Spec};
+use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, Mount, Process, Spec};
 
 use super::capabilities;
 use super::Error;
 use crate::backend::Hypervisor;
 use crate::container::{ContainerConfig, ProcessConfig, RootSource};
+use crate::network::{netns, Mode, NetworkConfig};
 use crate::volumes::Staged;
 
 /// Annotation choosing the number of vCPUs.
@@ -159,6 +160,7 @@ impl Bundle {
             guest_mounts,
             devices: self.devices()?,
             wait_start: true,
+            network: self.network()?,
         };
         Ok((config, console_size))
     }
@@ -247,6 +249,37 @@ impl Bundle {
             });
         }
         Ok((binds, out))
+    }
+
+    /// The network the engine prepared: the namespace in `linux.namespaces` whose veth the
+    /// guest takes over; loopback only when that namespace has no veth (`--network none`) or
+    /// is a new one the engine left empty. Sharing the host's network stack is refused: a VM
+    /// has a kernel, and so a network stack, of its own.
+    fn network(&self) -> Result<NetworkConfig, Error> {
+        let namespaces = self
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default();
+        let Some(ns) = namespaces
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+        else {
+            return Err(self.error(
+                "the container shares the host's network namespace (--network host), which a VM cannot: use the engine's own network or none",
+            ));
+        };
+        let mode = match ns.path() {
+            Some(path) if netns::holds_veth(path).map_err(|e| self.error(e.to_string()))? => {
+                Mode::Namespace(path.clone())
+            }
+            _ => Mode::None,
+        };
+        Ok(NetworkConfig {
+            mode,
+            ..NetworkConfig::default()
+        })
     }
 
     /// `linux.devices` as nodes to make in the guest.

@@ -15,7 +15,7 @@ use super::exit::{StopReason, StopSignal};
 use super::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_START};
 use super::mptable::IOAPIC_PINS;
 use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{block, fs, vsock, Interrupt, VirtioDevice};
+use crate::devices::virtio::{block, fs, net, vsock, Interrupt, VirtioDevice};
 use crate::devices::{bus, Bus};
 use crate::plan::{VmPlan, MAX_FS_TAG, MAX_SERIAL};
 use crate::timing::kvm;
@@ -56,6 +56,9 @@ pub enum Error {
         /// Why.
         source: fs::Error,
     },
+    /// The network device could not be created (its tap or passt socket).
+    #[error(transparent)]
+    Net(net::Error),
     /// Two shares have the same tag, so the guest could mount only one of them.
     #[error("two virtio-fs shares have the tag {0:?}; give each share its own tag")]
     DuplicateTag(String),
@@ -64,8 +67,9 @@ pub enum Error {
     Transport(#[from] mmio::Error),
     /// More devices than IOAPIC pins.
     #[error(
-        "the VM asks for {wanted} virtio devices (the vsock device, disks and shares), but only \
-         {MAX_DEVICES} fit its interrupt controller: attach fewer disks or shares"
+        "the VM asks for {wanted} virtio devices (the vsock device, disks, shares and the \
+         network device), but only {MAX_DEVICES} fit its interrupt controller: attach fewer \
+         disks or shares"
     )]
     TooManyDevices {
         /// Devices asked for.
@@ -160,16 +164,19 @@ pub struct VirtioDevices {
 
 impl VirtioDevices {
     /// Creates the devices `plan` asks for: the vsock device, then the disks, then the shares,
-    /// each in plan order. Host sockets and disk images are opened, and share backends
-    /// connected, here, before the guest runs. A share whose backend fails later stops the VM
-    /// through `stop`.
+    /// each in plan order, then the network device. Host sockets and disk images are opened,
+    /// share backends connected and the tap or passt socket opened, here, before the guest runs.
+    /// A share or network backend that fails later stops the VM through `stop`.
     pub fn create(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         plan: &VmPlan,
         stop: &Arc<StopSignal>,
     ) -> Result<Self, Error> {
-        let wanted = usize::from(plan.vsock.is_some()) + plan.disks.len() + plan.shares.len();
+        let wanted = usize::from(plan.vsock.is_some())
+            + plan.disks.len()
+            + plan.shares.len()
+            + usize::from(plan.net.is_some());
         if wanted > MAX_DEVICES as usize {
             return Err(Error::TooManyDevices { wanted });
         }
@@ -203,6 +210,16 @@ impl VirtioDevices {
             let fs = Arc::new(Mutex::new(fs));
             devices.attach(vm, mem, fs.clone())?;
             devices.subscribers.push(fs);
+        }
+        // Last, so adding it moves no other device's slot.
+        if let Some(plan) = &plan.net {
+            let stop = stop.clone();
+            let on_failure = Box::new(move |msg| stop.request(StopReason::DeviceFailed(msg)));
+            let net = Arc::new(Mutex::new(
+                net::Net::new(plan, on_failure).map_err(Error::Net)?,
+            ));
+            devices.attach(vm, mem, net.clone())?;
+            devices.subscribers.push(net);
         }
         Ok(devices)
     }

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -284,4 +286,83 @@ pub fn qemu_run<'a>(c: &'a mut Command, kernel: &Path, secs: u32) -> &'a mut Com
         .arg(secs.to_string())
         .arg("--kernel")
         .arg(kernel)
+}
+
+/// A host HTTP server answering every GET with `body`, on `addr`; returns its port.
+pub fn http_server(addr: &str, body: &'static str) -> u16 {
+    let l = TcpListener::bind(addr).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// A network namespace with a veth, made as CNI's bridge plugin or netavark make one: the
+/// container end `eth0` inside with 10.NET.0.2/24 and a default route, the host end outside
+/// with 10.NET.0.1/24. Removed when dropped.
+pub struct EngineNetns {
+    /// Its name under /run/netns.
+    pub name: String,
+    host_if: String,
+}
+
+impl EngineNetns {
+    pub fn make(tag: &str, net: u8) -> Option<EngineNetns> {
+        let name = format!("mvt-{tag}-{}", std::process::id());
+        let host_if = format!("mvh{net}-{}", std::process::id() % 100000);
+        let sh = |script: &str| {
+            Command::new("sh")
+                .args(["-ec", script])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ns = EngineNetns { name, host_if };
+        let ok = sh(&format!(
+            "ip netns add {n}
+             ip link add {h} type veth peer name eth0 netns {n}
+             ip addr add 10.{net}.0.1/24 dev {h}
+             ip link set {h} up
+             ip -n {n} link set lo up
+             ip -n {n} addr add 10.{net}.0.2/24 dev eth0
+             ip -n {n} link set eth0 up
+             ip -n {n} route add default via 10.{net}.0.1",
+            n = ns.name,
+            h = ns.host_if
+        ));
+        ok.then_some(ns)
+    }
+
+    /// Its file.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -o link` inside it.
+    pub fn links(&self) -> String {
+        let o = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for EngineNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }

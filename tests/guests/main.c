@@ -1148,6 +1148,287 @@ static void mode_blk(const struct boot *b)
 	print("blk: %u devices\n", found);
 }
 
+/* ---- mode net: a polling virtio-mmio network driver ---- */
+
+#define NET_RINGS	0x600000	/* rx at +0, tx at +0x4000: desc, avail, used pages */
+#define NET_BUFS	0x610000	/* VQ_N receive buffers, then the transmit buffer */
+#define NET_BUF_SIZE	2048
+#define NET_TX_BUF	(NET_BUFS + VQ_N * NET_BUF_SIZE)
+#define NET_HDR		12		/* virtio_net_hdr_v1 */
+#define NET_ETH		14
+#define NET_F_MAC	5
+#define NET_F_MTU	3
+#define NET_F_MRG_RXBUF	15
+#define NET_ETHERTYPE	0x88b5		/* local experimental */
+#define NET_WAIT_US	10000000ULL
+#define NET_MAX_PAYLOAD	(NET_BUF_SIZE - NET_HDR - NET_ETH)
+
+struct net {
+	uint64_t mmio;
+	struct vq q[2];		/* rx, tx */
+	uint8_t mac[6];
+};
+
+static void net_publish(struct net *d, int qi, uint16_t head)
+{
+	struct vq *q = &d->q[qi];
+
+	*vq_u16(q->base + 0x1000 + 4 + 2 * (q->avail_idx % VQ_N)) = head;
+	barrier();
+	q->avail_idx++;
+	*vq_u16(q->base + 0x1000 + 2) = q->avail_idx;
+	barrier();
+	reg_wr(d->mmio, VIRTIO_QUEUE_NOTIFY, qi);
+}
+
+static int net_queue(struct net *d, int qi)
+{
+	struct vq *q = &d->q[qi];
+
+	q->base = NET_RINGS + 0x4000 * qi;
+	q->avail_idx = q->last_used = 0;
+	vzero(q->base, 0x3000);
+	reg_wr(d->mmio, VIRTIO_QUEUE_SEL, qi);
+	if (reg_rd(d->mmio, VIRTIO_QUEUE_NUM_MAX) < VQ_N) {
+		print("net: queue %u too small\n", qi);
+		return 0;
+	}
+	reg_wr(d->mmio, VIRTIO_QUEUE_NUM, VQ_N);
+	reg_wr(d->mmio, VIRTIO_QUEUE_DESC, q->base);
+	reg_wr(d->mmio, VIRTIO_QUEUE_DESC + 4, 0);
+	reg_wr(d->mmio, VIRTIO_QUEUE_AVAIL, q->base + 0x1000);
+	reg_wr(d->mmio, VIRTIO_QUEUE_AVAIL + 4, 0);
+	reg_wr(d->mmio, VIRTIO_QUEUE_USED, q->base + 0x2000);
+	reg_wr(d->mmio, VIRTIO_QUEUE_USED + 4, 0);
+	reg_wr(d->mmio, VIRTIO_QUEUE_READY, 1);
+	return 1;
+}
+
+static uint8_t net_cfg8(const struct net *d, unsigned off)
+{
+	return *(volatile uint8_t *)phys(d->mmio + VIRTIO_CONFIG + off);
+}
+
+/* Gives receive buffer `id` (descriptor `id`) to the device. */
+static void net_post_rx(struct net *d, uint16_t id)
+{
+	vq_desc(&d->q[0], id, NET_BUFS + id * NET_BUF_SIZE, NET_BUF_SIZE, DESC_WRITE);
+	net_publish(d, 0, id);
+}
+
+static int net_init(struct net *d, uint64_t base)
+{
+	uint32_t feat, ok = 1 | 2 | 4 | 8;
+
+	d->mmio = base;
+	reg_wr(base, VIRTIO_STATUS, 0);
+	reg_wr(base, VIRTIO_STATUS, 1);			/* ACKNOWLEDGE */
+	reg_wr(base, VIRTIO_STATUS, 1 | 2);		/* DRIVER */
+	reg_wr(base, VIRTIO_DEV_FEAT_SEL, 1);
+	if (!(reg_rd(base, VIRTIO_DEV_FEAT) & 1)) {	/* VIRTIO_F_VERSION_1 = bit 32 */
+		print("net: VERSION_1 not offered\n");
+		return 0;
+	}
+	reg_wr(base, VIRTIO_DEV_FEAT_SEL, 0);
+	feat = reg_rd(base, VIRTIO_DEV_FEAT);
+	if (!(feat & (1u << NET_F_MAC))) {
+		print("net: MAC not offered\n");
+		return 0;
+	}
+	feat &= 1u << NET_F_MAC | 1u << NET_F_MTU | 1u << NET_F_MRG_RXBUF;
+	reg_wr(base, VIRTIO_DRV_FEAT_SEL, 0);
+	reg_wr(base, VIRTIO_DRV_FEAT, feat);
+	reg_wr(base, VIRTIO_DRV_FEAT_SEL, 1);
+	reg_wr(base, VIRTIO_DRV_FEAT, 1);
+	reg_wr(base, VIRTIO_STATUS, 1 | 2 | 8);		/* FEATURES_OK */
+	if (!(reg_rd(base, VIRTIO_STATUS) & 8)) {
+		print("net: features refused\n");
+		return 0;
+	}
+	if (!net_queue(d, 0) || !net_queue(d, 1))
+		return 0;
+	reg_wr(base, VIRTIO_STATUS, ok);		/* DRIVER_OK */
+	if (reg_rd(base, VIRTIO_STATUS) != ok) {
+		print("net: device refused DRIVER_OK, status=0x%x\n", reg_rd(base, VIRTIO_STATUS));
+		return 0;
+	}
+	for (int i = 0; i < 6; i++)
+		d->mac[i] = net_cfg8(d, i);
+	print("net: device at 0x%lx mac=%02x:%02x:%02x:%02x:%02x:%02x status=%u mtu=%u mrg_rxbuf=%u\n",
+	      base, d->mac[0], d->mac[1], d->mac[2], d->mac[3], d->mac[4], d->mac[5],
+	      net_cfg8(d, 6) | net_cfg8(d, 7) << 8, net_cfg8(d, 10) | net_cfg8(d, 11) << 8,
+	      !!(feat & (1u << NET_F_MRG_RXBUF)));
+	for (uint16_t i = 0; i < VQ_N; i++)
+		net_post_rx(d, i);
+	return 1;
+}
+
+/*
+ * Sends one frame of ethertype `type` to `dst` from our MAC: the header and the
+ * frame in two descriptors. Returns 1 once the device took it.
+ */
+static int net_send(struct net *d, const volatile uint8_t *dst, uint16_t type,
+		    const volatile char *payload, uint32_t len)
+{
+	volatile uint8_t *b = phys(NET_TX_BUF);
+	uint32_t id, used_len;
+
+	for (int i = 0; i < NET_HDR; i++)
+		b[i] = 0;
+	for (int i = 0; i < 6; i++) {
+		b[NET_HDR + i] = dst[i];
+		b[NET_HDR + 6 + i] = d->mac[i];
+	}
+	b[NET_HDR + 12] = type >> 8;
+	b[NET_HDR + 13] = type & 0xff;
+	for (uint32_t i = 0; i < len; i++)
+		b[NET_HDR + NET_ETH + i] = payload[i];
+	blk_desc(&d->q[1], 0, NET_TX_BUF, NET_HDR, DESC_NEXT);
+	blk_desc(&d->q[1], 1, NET_TX_BUF + NET_HDR, NET_ETH + len, 0);
+	net_publish(d, 1, 0);
+	if (!vq_used(&d->q[1], NET_WAIT_US, &id, &used_len)) {
+		print("net: TX never completed\n");
+		return 0;
+	}
+	return 1;
+}
+
+/*
+ * Waits for a frame of ethertype `type`, skipping (and giving back) any other;
+ * copies its source MAC and payload (NUL-terminated). Returns the payload
+ * length, or -1 on timeout or a bad used entry.
+ */
+static int net_recv(struct net *d, uint16_t type, volatile uint8_t *src, volatile char *payload,
+		    uint16_t *num_buffers)
+{
+	uint32_t id, len, n, skipped = 0;
+	const volatile uint8_t *b;
+
+	for (;;) {
+		if (!vq_used(&d->q[0], NET_WAIT_US, &id, &len)) {
+			print("net: no frame came (%u skipped)\n", skipped);
+			return -1;
+		}
+		if (id >= VQ_N || len < NET_HDR + NET_ETH || len > NET_BUF_SIZE) {
+			print("net: bad used entry id=%u len=%u\n", id, len);
+			return -1;
+		}
+		b = phys(NET_BUFS + id * NET_BUF_SIZE);
+		if ((b[NET_HDR + 12] << 8 | b[NET_HDR + 13]) == type)
+			break;
+		skipped++;
+		net_post_rx(d, (uint16_t)id);
+	}
+	*num_buffers = b[10] | b[11] << 8;
+	for (int i = 0; i < 6; i++)
+		src[i] = b[NET_HDR + 6 + i];
+	n = len - NET_HDR - NET_ETH;
+	for (uint32_t i = 0; i < n; i++)
+		payload[i] = b[NET_HDR + NET_ETH + i];
+	payload[n] = 0;
+	net_post_rx(d, (uint16_t)id);
+	return (int)n;
+}
+
+/* "192.0.2.1" -> its four bytes; 0 if malformed. */
+static int parse_ipv4(const char *s, uint8_t ip[4])
+{
+	for (int i = 0; i < 4; i++) {
+		unsigned v = 0, digits = 0;
+
+		while (*s >= '0' && *s <= '9' && digits < 4)
+			v = v * 10 + (*s++ - '0'), digits++;
+		if (!digits || v > 255 || *s != (i < 3 ? '.' : 0))
+			return 0;
+		ip[i] = (uint8_t)v;
+		s++;
+	}
+	return 1;
+}
+
+/*
+ * Asks who has `ip` (an ARP probe, from 0.0.0.0) and prints the answer: what a
+ * real user-mode network stack (passt) answers for its router.
+ */
+static void net_arp(struct net *d, const uint8_t ip[4])
+{
+	static const volatile uint8_t broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+	static volatile char req[28], rep[NET_MAX_PAYLOAD + 1];
+	static volatile uint8_t from[6];
+	static const uint8_t head[8] = { 0, 1, 8, 0, 6, 4, 0, 1 };	/* Ethernet, IPv4, request */
+	uint16_t num_buffers;
+	int len;
+
+	for (int i = 0; i < 8; i++)
+		req[i] = head[i];
+	for (int i = 0; i < 6; i++) {
+		req[8 + i] = d->mac[i];		/* sender MAC; sender IP stays 0.0.0.0 */
+		req[18 + i] = 0;		/* target MAC */
+	}
+	for (int i = 0; i < 4; i++) {
+		req[14 + i] = 0;
+		req[24 + i] = ip[i];
+	}
+	if (!net_send(d, broadcast, 0x0806, req, sizeof(req)))
+		return;
+	len = net_recv(d, 0x0806, from, rep, &num_buffers);
+	if (len < 28 || rep[7] != 2) {
+		print("net: no ARP reply\n");
+		return;
+	}
+	print("net: arp %u.%u.%u.%u is at %02x:%02x:%02x:%02x:%02x:%02x\n",
+	      (uint8_t)rep[14], (uint8_t)rep[15], (uint8_t)rep[16], (uint8_t)rep[17],
+	      (uint8_t)rep[8], (uint8_t)rep[9], (uint8_t)rep[10], (uint8_t)rep[11],
+	      (uint8_t)rep[12], (uint8_t)rep[13]);
+}
+
+/*
+ * Sends "hello from the guest" to everyone, prints the first reply of our
+ * ethertype and echoes it to its sender. With "arp=A.B.C.D", resolves that
+ * address instead.
+ */
+static void mode_net(const struct boot *b)
+{
+	static struct net d;
+	static volatile char payload[NET_MAX_PAYLOAD + 1];
+	static volatile uint8_t peer[6];
+	static const char hello[] = "hello from the guest";
+	static const volatile uint8_t broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+	uint64_t bases[BLK_MAX];
+	int n = mmio_devices(b->cmdline, bases, BLK_MAX), len;
+	uint16_t num_buffers;
+	char arp[20];
+	uint8_t ip[4];
+
+	for (int i = 0; i < n; i++) {
+		if (reg_rd(bases[i], VIRTIO_MAGIC) != 0x74726976 || reg_rd(bases[i], VIRTIO_VERSION) != 2 ||
+		    reg_rd(bases[i], VIRTIO_DEVICE_ID) != 1)
+			continue;
+		if (!net_init(&d, bases[i]))
+			return;
+		if (cmdline_token(b->cmdline, "arp", arp, sizeof(arp))) {
+			if (parse_ipv4(arp, ip))
+				net_arp(&d, ip);
+			else
+				print("net: bad arp=%s\n", arp);
+			return;
+		}
+		if (!net_send(&d, broadcast, NET_ETHERTYPE, hello, sizeof(hello) - 1))
+			return;
+		print("net: sent %s\n", hello);
+		len = net_recv(&d, NET_ETHERTYPE, peer, payload, &num_buffers);
+		if (len < 0)
+			return;
+		print("net: got %s from %02x:%02x:%02x:%02x:%02x:%02x num_buffers=%u\n",
+		      (const char *)payload, peer[0], peer[1], peer[2], peer[3], peer[4], peer[5],
+		      num_buffers);
+		if (net_send(&d, peer, NET_ETHERTYPE, payload, (uint32_t)len))
+			print("net: echoed %s\n", (const char *)payload);
+		return;
+	}
+	print("net: no device\n");
+}
+
 /* ---- entry ---- */
 
 void guest_main(int boot, uint64_t info);
@@ -1177,6 +1458,8 @@ void guest_main(int boot, uint64_t info)
 		mode_vsock(&b);
 	} else if (streq(mode, "blk")) {
 		mode_blk(&b);
+	} else if (streq(mode, "net")) {
+		mode_net(&b);
 	} else if (streq(mode, "reset")) {
 		print("hello from guest\n");
 		i8042_reset();

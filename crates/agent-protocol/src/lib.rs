@@ -31,7 +31,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; both sides must agree exactly.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// Kernel command-line key carrying the protocol version the host speaks.
 pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
 /// Kernel command-line key carrying the host vsock port the agent connects to.
@@ -123,6 +123,55 @@ pub struct RunSpec {
     /// [`Message::Start`] (an OCI runtime's `create`, then `start`).
     #[serde(default)]
     pub wait_start: bool,
+    /// The guest's network interface and name service; `None` leaves only loopback.
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+}
+
+/// An address on the guest's interface, with its prefix length (`10.0.2.15`, 24).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IfAddress {
+    /// IPv4 or IPv6 address.
+    pub address: std::net::IpAddr,
+    /// Prefix length.
+    pub prefix_len: u8,
+}
+
+/// A route of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// Destination network; `None` is the default route of the gateway's family.
+    pub destination: Option<IfAddress>,
+    /// Next hop; `None` for a network reached on the link itself.
+    pub gateway: Option<std::net::IpAddr>,
+}
+
+/// A MAC address as Linux and iproute2 print it: `52:54:00:12:34:56`.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// How the agent sets up the guest's network, all static (no DHCP wait on the boot path).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// The MAC address of the interface to configure (the agent finds it by this address).
+    pub mac: [u8; 6],
+    /// Its MTU.
+    pub mtu: u16,
+    /// Its addresses.
+    pub addresses: Vec<IfAddress>,
+    /// Routes, in order (on-link routes before the ones through a gateway).
+    pub routes: Vec<RouteSpec>,
+    /// Name servers for /etc/resolv.conf; with `search`, written only when not empty.
+    pub dns: Vec<std::net::IpAddr>,
+    /// Search domains for /etc/resolv.conf.
+    pub search: Vec<String>,
+    /// Write /etc/resolv.conf and /etc/hosts into the container's root (an engine mounts its
+    /// own instead).
+    pub write_etc: bool,
 }
 
 /// A root shared by the host over virtio-fs: directory `path` of the share `tag`.
@@ -331,6 +380,9 @@ impl StartFailure {
 }
 
 /// Control messages, both directions.
+// A few messages per run, each serialized at once: the size of the largest variant costs
+// nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// Agent -> host, first message.

@@ -10,6 +10,7 @@
 mod diff;
 mod exec;
 mod mounts;
+mod network;
 mod privileges;
 mod process;
 mod reaper;
@@ -73,7 +74,11 @@ fn run() -> Result<(), String> {
     } else {
         &spec.hostname
     });
-    // A root or mount that cannot be made fails the start with its reason, as runc's would.
+    if let Err(e) = network::loopback() {
+        log(&e);
+    }
+    // A root, mount or network that cannot be made fails the start with its reason, as runc's
+    // would.
     let setup = prepare_root(&spec);
 
     let streams = process::Streams {
@@ -104,6 +109,17 @@ fn prepare_root(spec: &proto::RunSpec) -> Result<(), String> {
         (None, Some(root)) => root::assemble(root)?,
         (None, None) => PathBuf::from("/"),
     };
+    if let Some(net) = &spec.network {
+        network::configure(net)?;
+        if net.write_etc {
+            let hostname = if spec.hostname.is_empty() {
+                "microvm"
+            } else {
+                &spec.hostname
+            };
+            network::write_etc(&root, net, hostname)?;
+        }
+    }
     volumes::mount_all(&root, &spec.mounts)?;
     if spec.shared_root.is_some() || !spec.guest_mounts.is_empty() {
         mounts::apply_all(&root, &spec.guest_mounts, &spec.devices)?;

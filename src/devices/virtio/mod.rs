@@ -1,6 +1,6 @@
 //! Virtio devices: the contract between a transport and a device ([`VirtioDevice`]), the
 //! interrupt a device raises ([`Interrupt`]), the virtio-mmio transport ([`mmio`]) and the devices
-//! themselves ([`vsock`], [`block`], [`fs`]).
+//! themselves ([`vsock`], [`block`], [`fs`], [`net`]).
 //!
 //! Register accesses run on vCPU threads inside the transport; queue processing and host I/O run
 //! on the device loop, which each device joins as an event-manager subscriber.
@@ -9,6 +9,7 @@ pub mod block;
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 #[cfg(test)]
@@ -44,6 +45,8 @@ pub mod status {
 
 /// Device ids (virtio 1.2, 5).
 pub mod device_type {
+    /// virtio-net.
+    pub const NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
     /// virtio-vsock.
     pub const VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
     /// virtio-fs.

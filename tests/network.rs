@@ -1,0 +1,452 @@
+//! Networking through the real stack (the `qemu` backend's virtio-net, the real kernel and
+//! agent, passt, iproute2): outbound HTTP to a server on the host and by name through DNS,
+//! published TCP and UDP ports, `--network none`, two containers talking through a published
+//! port, a network namespace with a veth made the way engines make it, what a killed microvm
+//! leaves behind (nothing), and the bad input refused before anything starts.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn images() -> &'static (PathBuf, PathBuf) {
+    test_images("network")
+}
+
+/// The image with every busybox applet (wget, httpd, nc, nslookup, ip).
+fn image() -> String {
+    format!("oci:{}", images().0.join("box").display())
+}
+
+fn cmd(args: &[&str]) -> Command {
+    let mut c = microvm();
+    c.args(args)
+        .env("MICROVM_ROOT", &images().1)
+        .env("MICROVM_HYPERVISOR", "qemu")
+        .stdin(Stdio::null());
+    c
+}
+
+fn mv(args: &[&str]) -> Output {
+    cmd(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `run --rm --timeout 300 --kernel K [flags] box sh -c SCRIPT`.
+fn run(kernel: &Path, flags: &[&str], script: &str) -> Output {
+    let k = kernel.to_str().unwrap();
+    let mut args = vec!["run", "--rm", "--timeout", "300", "--kernel", k];
+    args.extend_from_slice(flags);
+    let img = image();
+    args.extend([img.as_str(), "sh", "-c", script]);
+    mv(&args)
+}
+
+fn assert_ok(o: &Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// Removes the named containers when dropped.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mut args = vec!["rm", "-f"];
+        args.extend(self.0.iter().map(String::as_str));
+        let _ = cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A DNS server on `addr` (UDP) that answers A queries for `name` with `ip` and anything else
+/// with NXDOMAIN: the name the test resolves locally.
+fn dns_server(addr: &str, name: &'static str, ip: [u8; 4]) -> std::io::Result<()> {
+    let sock = UdpSocket::bind(addr)?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if n < 17 {
+                continue;
+            }
+            // The question: labels from byte 12 to a zero length, then type and class.
+            let mut i = 12;
+            let mut labels = Vec::new();
+            while i < n && q[i] != 0 {
+                let len = q[i] as usize;
+                labels.push(text(&q[i + 1..(i + 1 + len).min(n)]));
+                i += 1 + len;
+            }
+            let end = (i + 5).min(n);
+            let qtype = u16::from_be_bytes([q[end - 4], q[end - 3]]);
+            let found = labels.join(".").eq_ignore_ascii_case(name) && qtype == 1;
+            let mut r = q[..end].to_vec();
+            r[2] = 0x81; // response, recursion desired
+            r[3] = if found { 0x80 } else { 0x83 }; // recursion available; NXDOMAIN
+            r[6..8].copy_from_slice(&u16::from(found).to_be_bytes());
+            r[8..12].fill(0);
+            if found {
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                r.extend_from_slice(&ip);
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    Ok(())
+}
+
+/// GETs `url` from the host until it answers with `want` in the body (the server in the guest
+/// may still be starting), for up to two minutes.
+fn fetch_until(addr: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n");
+            let mut got = String::new();
+            let _ = s.read_to_string(&mut got);
+            if got.contains(want) {
+                return got;
+            }
+            last = got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{addr} never served {want:?}; last answer: {last:?}");
+}
+
+/// A script that serves `body` with busybox httpd on port 80 in the foreground.
+fn httpd_script(body: &str) -> String {
+    format!("mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p 80 -h /www")
+}
+
+/// `run -d --name NAME [flags] box sh -c SCRIPT`.
+fn run_detached(kernel: &Path, name: &str, flags: &[&str], script: &str) {
+    let k = kernel.to_str().unwrap();
+    let mut args = vec!["run", "-d", "--name", name, "--kernel", k];
+    args.extend_from_slice(flags);
+    let img = image();
+    args.extend([img.as_str(), "sh", "-c", script]);
+    assert_ok(&mv(&args));
+}
+
+#[test]
+fn outbound_http_to_the_host_and_a_name_through_dns() {
+    let Some(kernel) = kernel_or_skip("outbound_http_to_the_host_and_a_name_through_dns") else {
+        return;
+    };
+    let port = http_server("127.0.0.1:0", "served-by-the-host");
+    // The host's resolver, as passt forwards to it, is the test's: microvm runs in a mount
+    // namespace whose /etc/resolv.conf names a DNS server of the test on 127.0.0.2.
+    if let Err(e) = dns_server("127.0.0.2:53", "files.microvm.test", [10, 0, 2, 2]) {
+        skip(
+            "outbound_http_to_the_host_and_a_name_through_dns",
+            &format!("cannot bind the test's DNS server on 127.0.0.2:53: {e}"),
+        );
+        return;
+    }
+    let dir = temp_dir("net-dns");
+    let resolv = dir.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.2\nsearch microvm.test\n").unwrap();
+    let script = format!(
+        "set -e; ip -o addr show eth0; cat /etc/resolv.conf; \
+         wget -q -O - http://10.0.2.2:{port}/file; echo; \
+         nslookup files.microvm.test; \
+         wget -q -O - http://files.microvm.test:{port}/by-name; echo; \
+         wget -q -O - http://files:{port}/by-search-domain; echo"
+    );
+    let k = kernel.to_str().unwrap().to_string();
+    let img = image();
+    let inner = [
+        env!("CARGO_BIN_EXE_microvm"),
+        "run",
+        "--rm",
+        "--timeout",
+        "300",
+        "--kernel",
+        &k,
+        &img,
+        "sh",
+        "-c",
+        &script,
+    ];
+    let o = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+            resolv.display()
+        ))
+        .arg("sh")
+        .args(inner)
+        .env("MICROVM_ROOT", &images().1)
+        .env("MICROVM_HYPERVISOR", "qemu")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = assert_ok(&o);
+    assert!(out.contains("inet 10.0.2.15/24"), "{out}");
+    assert!(out.contains("nameserver 10.0.2.3"), "{out}");
+    assert!(out.contains("search microvm.test"), "{out}");
+    assert_eq!(out.matches("served-by-the-host").count(), 3, "{out}");
+    assert!(out.contains("Address: 10.0.2.2"), "{out}");
+}
+
+#[test]
+fn a_published_port_serves_from_the_guest_and_ps_shows_it() {
+    let Some(kernel) = kernel_or_skip("a_published_port_serves_from_the_guest_and_ps_shows_it")
+    else {
+        return;
+    };
+    let name = "net-httpd";
+    let _c = Cleanup(vec![name.into()]);
+    run_detached(
+        &kernel,
+        name,
+        &["-p", "127.0.0.1:18080:80"],
+        &httpd_script("hello-from-the-guest"),
+    );
+    let got = fetch_until("127.0.0.1:18080", "hello-from-the-guest");
+    assert!(got.starts_with("HTTP/1."), "{got}");
+
+    let ps = assert_ok(&mv(&["ps"]));
+    let line = ps.lines().find(|l| l.contains(name)).unwrap_or_default();
+    assert!(line.contains("127.0.0.1:18080->80/tcp"), "{ps}");
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&mv(&["inspect", name]))).unwrap();
+    let net = &v[0]["NetworkSettings"];
+    assert_eq!(net["IPAddress"], "10.0.2.15", "{net}");
+    assert_eq!(net["Gateway"], "10.0.2.2", "{net}");
+    assert_eq!(net["MacAddress"], "52:54:00:12:34:56", "{net}");
+    assert_eq!(net["Ports"]["80/tcp"][0]["HostPort"], "18080", "{net}");
+
+    // A second container reaches the first through its published port on the host.
+    let o = run(
+        &kernel,
+        &[],
+        "wget -q -O - http://10.0.2.2:18080/ && echo fetched",
+    );
+    let out = assert_ok(&o);
+    assert!(out.contains("hello-from-the-guest"), "{out}");
+
+    // The port is taken while the container runs: a second -p of it fails at once.
+    let o = run(&kernel, &["-p", "127.0.0.1:18080:80"], "true");
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn udp_goes_both_ways() {
+    let Some(kernel) = kernel_or_skip("udp_goes_both_ways") else {
+        return;
+    };
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let host_port = host.local_addr().unwrap().port();
+    let name = "net-udp";
+    let _c = Cleanup(vec![name.into()]);
+    // The guest sends to the host every half second and prints what reaches its port 81.
+    let script = format!(
+        "(while true; do echo from-the-guest | nc -u -w 1 10.0.2.2 {host_port}; sleep 0.5; done) & \
+         exec nc -u -l -p 81"
+    );
+    run_detached(&kernel, name, &["-p", "127.0.0.1:18081:81/udp"], &script);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 100];
+    let got = loop {
+        assert!(Instant::now() < deadline, "no datagram from the guest");
+        if let Ok((n, _)) = host.recv_from(&mut buf) {
+            break text(&buf[..n]);
+        }
+    };
+    assert_eq!(got.trim(), "from-the-guest");
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        sender
+            .send_to(b"from-the-host\n", "127.0.0.1:18081")
+            .unwrap();
+        let logs = text(&mv(&["logs", name]).stdout);
+        if logs.contains("from-the-host") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never got the datagram: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn network_none_has_only_loopback() {
+    let Some(kernel) = kernel_or_skip("network_none_has_only_loopback") else {
+        return;
+    };
+    let out = assert_ok(&run(
+        &kernel,
+        &["--network", "none"],
+        "ip -o link | cut -d: -f2; ip -o addr show lo",
+    ));
+    let links: Vec<&str> = out.lines().filter(|l| !l.contains("inet")).collect();
+    assert_eq!(links, vec![" lo"], "{out}");
+    assert!(out.contains("inet 127.0.0.1/8"), "{out}");
+    assert!(out.contains("inet6 ::1/128"), "{out}");
+}
+
+#[test]
+fn bad_network_input_is_one_line_and_125() {
+    let Some(kernel) = kernel_or_skip("bad_network_input_is_one_line_and_125") else {
+        return;
+    };
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = format!("127.0.0.1:{}:80", busy.local_addr().unwrap().port());
+    let empty = temp_dir("net-no-passt");
+    for (flags, words, path) in [
+        (vec!["-p", "80:http"], "not a port number", None),
+        (vec!["-p", "8000-8010:80"], "ranges are not supported", None),
+        (vec!["-p", busy.as_str()], "already in use", None),
+        (vec!["--network", "host"], "cannot share the host", None),
+        (
+            vec!["--network", "ns:/nonexistent/ns"],
+            "no such network namespace",
+            None,
+        ),
+        (
+            vec!["--network", "none", "-p", "80"],
+            "needs the default network",
+            None,
+        ),
+        (vec![], "apt-get install passt", Some(empty.0.clone())),
+    ] {
+        let mut c = cmd(&["run", "--rm", "--kernel", kernel.to_str().unwrap()]);
+        c.args(&flags).args([image().as_str(), "true"]);
+        if let Some(p) = &path {
+            // No passt anywhere: an empty PATH and HOME.
+            c.env("PATH", p).env("HOME", p);
+        }
+        let o = c.output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{flags:?}: {err}");
+        assert!(err.contains(words), "{flags:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{flags:?}: {err}");
+    }
+}
+
+/// The pids of passt processes whose parent is `pid`.
+fn passt_children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let ppid: u32 = rest
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == pid && stat.contains("(passt") {
+            found.push(e.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+}
+
+#[test]
+fn a_killed_microvm_leaves_no_passt() {
+    let Some(kernel) = kernel_or_skip("a_killed_microvm_leaves_no_passt") else {
+        return;
+    };
+    let k = kernel.to_str().unwrap().to_string();
+    let img = image();
+    let mut child = cmd(&["run", "--rm", "--kernel", &k, &img, "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let passt = loop {
+        let p = passt_children(child.id());
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "microvm never started passt");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let the VM connect and boot a little, then kill microvm outright.
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passt.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "passt {passt:?} outlived microvm"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_namespace_with_a_veth_is_taken_over_by_the_guest() {
+    let test = "a_namespace_with_a_veth_is_taken_over_by_the_guest";
+    let Some(kernel) = kernel_or_skip(test) else {
+        return;
+    };
+    let Some(ns) = EngineNetns::make("veth", 231) else {
+        skip(
+            test,
+            "cannot make a network namespace with a veth here (needs root and iproute2)",
+        );
+        return;
+    };
+    let port = http_server("10.231.0.1:0", "reached-the-namespace-peer");
+    let name = "net-ns";
+    let _c = Cleanup(vec![name.into()]);
+    let netns = format!("ns:{}", ns.path());
+    let script = format!(
+        "ip -o addr show eth0; ip route; wget -q -O - http://10.231.0.1:{port}/; echo; {}",
+        httpd_script("served-through-the-veth")
+    );
+    run_detached(&kernel, name, &["--network", &netns], &script);
+    // The engine's side reaches the guest at the veth's address.
+    let got = fetch_until("10.231.0.2:80", "served-through-the-veth");
+    assert!(got.starts_with("HTTP/1."), "{got}");
+    let logs = text(&mv(&["logs", name]).stdout);
+    assert!(logs.contains("inet 10.231.0.2/24"), "{logs}");
+    assert!(logs.contains("default via 10.231.0.1"), "{logs}");
+    assert!(logs.contains("reached-the-namespace-peer"), "{logs}");
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&mv(&["inspect", name]))).unwrap();
+    assert_eq!(v[0]["NetworkSettings"]["IPAddress"], "10.231.0.2");
+    assert!(ns.links().contains("microvm-tap0"), "{}", ns.links());
+    assert_ok(&mv(&["rm", "-f", name]));
+    // The tap went with the VM; the veth is the engine's again.
+    let links = ns.links();
+    assert!(!links.contains("microvm-tap0"), "{links}");
+    assert!(links.contains("eth0"), "{links}");
+}
