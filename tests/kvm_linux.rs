@@ -2,7 +2,8 @@
 //! real Linux drivers on our boot path, MP table, virtio-mmio transport, virtio-blk (the image's
 //! layers and the scratch disk) and virtio-vsock (the agent). On a PVM host this takes minutes
 //! (the guest kernel's ring-0 code is emulated; see `vmm::pvm`); on hardware KVM, well under a
-//! second. A functional test only: its time is no performance figure. The second test adds a
+//! second. A functional test only: its time is no performance figure. The first also fetches a
+//! page from the host through our virtio-net device, Linux's driver and passt; the second adds a
 //! volume: our vhost-user-fs frontend with a real virtiofsd and Linux's virtio-fs driver.
 
 mod common;
@@ -11,8 +12,9 @@ use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Stdio;
 
-/// `microvm run --hypervisor kvm [flags] demo ARGS...` with the test images' private store.
-fn run_kvm(name: &str, flags: &[String], args: &[&str]) -> Option<(i32, String)> {
+/// `microvm run --hypervisor kvm [flags] IMAGE ARGS...` with the test images' private store
+/// (IMAGE: `demo` or `box`).
+fn run_kvm(name: &str, image: &str, flags: &[String], args: &[&str]) -> Option<(i32, String)> {
     if !kvm_or_skip(name) {
         return None;
     }
@@ -25,7 +27,7 @@ fn run_kvm(name: &str, flags: &[String], args: &[&str]) -> Option<(i32, String)>
         .args(["--timeout", "900", "--kernel"])
         .arg(&kernel)
         .args(flags)
-        .arg(format!("oci:{}", images.join("demo").display()))
+        .arg(format!("oci:{}", images.join(image).display()))
         .args(args)
         .env("MICROVM_ROOT", store)
         .stdin(Stdio::null())
@@ -41,14 +43,15 @@ fn run_kvm(name: &str, flags: &[String], args: &[&str]) -> Option<(i32, String)>
 }
 
 #[test]
-fn real_linux_under_our_vmm_runs_echo_hi() {
-    let flags = ["--entrypoint".to_string(), "/bin/echo".into()];
-    let Some((code, out)) = run_kvm("real_linux_under_our_vmm_runs_echo_hi", &flags, &["hi"])
-    else {
+fn real_linux_under_our_vmm_runs_echo_hi_and_reaches_the_host() {
+    let name = "real_linux_under_our_vmm_runs_echo_hi_and_reaches_the_host";
+    let port = http_server("127.0.0.1:0", "through-our-virtio-net");
+    let script = format!("echo hi; wget -q -O - http://10.0.2.2:{port}/");
+    let Some((code, out)) = run_kvm(name, "box", &[], &["sh", "-c", &script]) else {
         return;
     };
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("hi\n"), "{out}");
+    assert!(out.starts_with("hi\nthrough-our-virtio-net"), "{out}");
 }
 
 #[test]
@@ -61,6 +64,7 @@ fn real_linux_under_our_vmm_writes_through_virtio_fs() {
     let flags = [format!("--volume={}:/data", share.display())];
     let Some((code, out)) = run_kvm(
         "real_linux_under_our_vmm_writes_through_virtio_fs",
+        "demo",
         &flags,
         &["echo through our virtio-fs > /data/out"],
     ) else {

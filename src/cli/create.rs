@@ -132,12 +132,13 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
         workdir: args.workdir,
         user: args.user,
     };
+    // Before the backend is chosen (and warned about): bad network flags are the user's to fix.
+    let network = NetworkConfig::from_flags(args.network.as_deref(), &args.publish, &args.dns)
+        .map_err(|e| e.to_string())?;
     let hypervisor = backend::choose(args.hypervisor)?;
     let kernel = args.vm.kernel()?;
     // A later `start` may run from another directory.
     let kernel = kernel.canonicalize().unwrap_or(kernel);
-    let network = NetworkConfig::from_flags(args.network.as_deref(), &args.publish, &args.dns)
-        .map_err(|e| e.to_string())?;
     check_slots(
         hypervisor,
         volumes.len(),

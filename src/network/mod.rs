@@ -18,6 +18,7 @@ use std::sync::Arc;
 use microvm_agent_protocol::NetworkSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::helpers::find;
 use crate::plan::{NetBackend, NetPlan, SharedFd};
 pub use passt::PASST_HINT;
 use passt::{Passt, PasstWatch};
@@ -127,6 +128,11 @@ impl NetworkConfig {
             .iter()
             .map(|p| PortMap::parse(p))
             .collect::<Result<Vec<_>, _>>()?;
+        // Checked now, so a taken port fails `run` before anything exists; and again when the
+        // container starts, since a port can be taken in between.
+        for p in &ports {
+            p.check_available()?;
+        }
         if let (Some(p), false) = (publish.first(), mode == Mode::User) {
             return Err(Error::Publish {
                 value: p.clone(),
@@ -140,8 +146,10 @@ impl NetworkConfig {
             .iter()
             .map(|d| d.parse().map_err(|_| Error::Dns(d.clone())))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Mode::Namespace(path) = &mode {
-            netns::inspect(path)?;
+        match &mode {
+            Mode::Namespace(path) => drop(netns::inspect(path)?),
+            Mode::User => drop(find("passt", PASST_HINT).map_err(|e| Error::Passt(e.to_string()))?),
+            Mode::None => {}
         }
         Ok(NetworkConfig { mode, ports, dns })
     }

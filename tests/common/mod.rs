@@ -83,13 +83,18 @@ pub fn report(what: &str, v: Vec<f64>) {
 /// Loads the test image `box` of make-test-images.sh (in `images`) into the podman whose
 /// command line `podman` starts, as `localhost/box:latest`.
 pub fn podman_load_box(podman: impl Fn() -> Command, images: &Path) {
-    let layout = format!("oci:{}:latest", images.join("box").display());
+    podman_load(podman, images, "box");
+}
+
+/// Loads the OCI layout `images/NAME` into podman as `localhost/NAME`.
+pub fn podman_load(podman: impl Fn() -> Command, images: &Path, name: &str) {
+    let layout = format!("oci:{}:latest", images.join(name).display());
     let o = podman().args(["pull", "-q", &layout]).output().unwrap();
     let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(0), "podman pull: {}", err(&o));
     let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
     let o = podman()
-        .args(["tag", &id, "localhost/box:latest"])
+        .args(["tag", &id, &format!("localhost/{name}:latest")])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "podman tag: {}", err(&o));

@@ -176,6 +176,8 @@ pub struct Tap {
     rx_len: usize,
     /// A frame (header first) written when the tap said EAGAIN; empty when none.
     pending: Vec<u8>,
+    /// Frames the tap refused (a header the guest filled in wrongly, say).
+    refused: u64,
 }
 
 /// What the device reports when the tap stops working; `what` is "reading from" or "writing to".
@@ -194,6 +196,7 @@ impl Tap {
             rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME_LEN].into_boxed_slice(),
             rx_len: 0,
             pending: Vec::new(),
+            refused: 0,
         }
     }
 
@@ -246,7 +249,15 @@ impl Tap {
                     return Err(fatal(&self.name, "writing to", &e))
                 }
                 Err(e) => {
-                    tracing::warn!("virtio-net: the tap {:?} refused a frame: {e}", self.name);
+                    self.refused += 1;
+                    // Powers of two only: the guest decides what it sends, and may flood.
+                    if self.refused.is_power_of_two() {
+                        tracing::warn!(
+                            "virtio-net: the tap {:?} refused a frame: {e} ({} so far)",
+                            self.name,
+                            self.refused
+                        );
+                    }
                     break;
                 }
             }
