@@ -1366,7 +1366,8 @@ fn the_lowest_layers_merge_into_one_image_as_overlayfs_shows_them() {
     assert_eq!(files_in(&dir.join("store/layers")), Vec::<String>::new());
 }
 
-/// An 8-layer image boots on QEMU (6 layer disks at most): its 3 lowest layers run merged.
+/// An 8-layer image boots on QEMU (5 layer disks at most beside vsock, the scratch disk and the
+/// network device): its 4 lowest layers run merged.
 #[test]
 fn an_image_with_more_layers_than_qemu_has_disks_runs() {
     let kernel = Path::new("/var/lib/microvm/kernel/vmlinux");

@@ -565,7 +565,10 @@ mod tests {
             {"destination": "/dev/shm", "type": "bind", "source": "/nonexistent", "options": ["bind"]},
             {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["rbind", "ro"]}
         ],
-        "linux": {"resources": {"memory": {"limit": 536870912}, "cpu": {"quota": 150000, "period": 100000}}},
+        "linux": {
+            "resources": {"memory": {"limit": 536870912}, "cpu": {"quota": 150000, "period": 100000}},
+            "namespaces": [{"type": "pid"}, {"type": "network"}]
+        },
         "annotations": {"io.microvm.hypervisor": "qemu"}
     }"#;
 
@@ -613,6 +616,8 @@ mod tests {
                 }
             ));
             assert!(c.wait_start);
+            // A new network namespace the engine left empty: loopback only.
+            assert_eq!(c.network.mode, crate::network::Mode::None);
         }
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -646,6 +651,16 @@ mod tests {
                 r#""effective": ["CAP_KILL"]"#,
                 r#""effective": ["CAP_KILL"], "inheritable": ["CAP_NET_RAW"]"#,
                 "inheritable has CAP_NET_RAW outside bounding",
+            ),
+            (
+                r#"{"type": "network"}"#,
+                r#"{"type": "uts"}"#,
+                "shares the host's network namespace",
+            ),
+            (
+                r#"{"type": "network"}"#,
+                r#"{"type": "network", "path": "/nonexistent/netns"}"#,
+                "no such network namespace",
             ),
         ] {
             let spec = SPEC.replace(from, to);

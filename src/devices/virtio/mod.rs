@@ -16,7 +16,7 @@ pub mod vsock;
 pub(crate) mod test_utils;
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -93,6 +93,24 @@ pub struct Activation {
     pub interrupt: Interrupt,
     /// The feature bits the driver accepted.
     pub acked_features: u64,
+}
+
+impl Activation {
+    /// Checks that the driver speaks modern virtio and made all `N` queues of the device ready,
+    /// and takes them, in device order, leaving the rest of the activation to the caller.
+    pub fn ready_queues<const N: usize>(&mut self) -> Result<[Queue; N], ActivateError> {
+        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(ActivateError::LegacyDriver);
+        }
+        let got = self.queues.len();
+        let queues: [Queue; N] = std::mem::take(&mut self.queues)
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: N, got })?;
+        if let Some(i) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+        Ok(queues)
+    }
 }
 
 /// A virtio device as its transport sees it. Methods run on vCPU threads with the device locked,

@@ -15,7 +15,7 @@ use super::request::{
 use super::serial::{serial_id, SERIAL_BYTES};
 use super::Error;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
 };
 
 /// Entries in the request queue.
@@ -276,18 +276,8 @@ impl VirtioDevice for Block {
         tracing::debug!("virtio-blk: ignoring a write to read-only configuration at {offset:#x}");
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        if a.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(ActivateError::LegacyDriver);
-        }
-        let got = a.queues.len();
-        let [queue]: [Queue; 1] = a
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { expected: 1, got })?;
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        let [queue] = a.ready_queues()?;
         self.active = Some(Active {
             mem: a.mem,
             queue,

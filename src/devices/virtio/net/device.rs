@@ -433,20 +433,8 @@ impl VirtioDevice for Net {
         tracing::debug!("virtio-net: ignoring a write to read-only configuration at {offset:#x}");
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        if a.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(ActivateError::LegacyDriver);
-        }
-        let got = a.queues.len();
-        let [mut rx, mut tx]: [Queue; 2] = a
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { expected: 2, got })?;
-        for (i, q) in [&rx, &tx].into_iter().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(i));
-            }
-        }
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        let [mut rx, mut tx] = a.ready_queues()?;
         if self.failed {
             return Err(ActivateError::Backend(
                 "virtio-net: the network backend failed earlier in this VM".into(),

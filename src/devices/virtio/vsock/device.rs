@@ -14,7 +14,6 @@ use super::unix::Listener;
 use super::Error;
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
-    VIRTIO_F_VERSION_1,
 };
 
 /// Queue order, fixed by the spec.
@@ -199,20 +198,9 @@ impl VirtioDevice for Vsock {
         tracing::debug!("vsock: ignoring a write to read-only configuration at {offset:#x}");
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        if a.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(ActivateError::LegacyDriver);
-        }
-        let got = a.queues.len();
-        let [rx, tx, event]: [Queue; 3] = a
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { expected: 3, got })?;
-        for (i, q) in [&rx, &tx, &event].into_iter().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(i));
-            }
-        }
+    fn activate(&mut self, mut a: Activation) -> Result<(), ActivateError> {
+        // The event queue must be set up, though nothing is ever sent on it (no transport reset).
+        let [rx, tx, _event] = a.ready_queues()?;
         self.active = Some(Active {
             mem: a.mem,
             rx,
