@@ -95,6 +95,8 @@ fn in_podman(dir: &Path, script: &str) -> Result<String, String> {
             "--network",
             "slirp4netns:allow_host_loopback=true",
         ])
+        // busybox ping opens a raw socket, which podman drops by default.
+        .args(["--cap-add", "NET_RAW"])
         .args(common::PODMAN_RUN_FLAGS.iter().skip(2))
         .args(["localhost/iperf", "sh", "-c", script])
         .output()
@@ -105,8 +107,14 @@ fn in_podman(dir: &Path, script: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// Throughput both ways and ping through `run`, whose host is at `host`.
-fn measure(label: &str, runs: usize, host: &str, run: &dyn Fn(&str) -> Result<String, String>) {
+/// Throughput both ways and ping through `run`, whose host is at `host` (and answers pings at
+/// `ping`, its own address: passt does not answer them at the gateway alias).
+fn measure(
+    label: &str,
+    runs: usize,
+    (host, ping): (&str, &str),
+    run: &dyn Fn(&str) -> Result<String, String>,
+) {
     for (dir, flag) in [("container to host", ""), ("host to container", " -R")] {
         let mut v = Vec::new();
         for i in 0..runs {
@@ -129,7 +137,7 @@ fn measure(label: &str, runs: usize, host: &str, run: &dyn Fn(&str) -> Result<St
             v.len()
         );
     }
-    match run(&format!("ping -c 20 -i 0.2 {host}")) {
+    match run(&format!("ping -c 20 -i 0.2 {ping}")) {
         Ok(out) => report(&format!("{label}: ping to the host"), rtts(&out)),
         Err(e) => println!("{label}: ping not measured: {e}"),
     }
@@ -174,9 +182,13 @@ fn main() {
     // Loaded once, so the runs measure the network and not the conversion.
     let _ = in_vm(&store, &kernel, &image, "true");
     println!("bench network: {runs} runs each; iperf3 -t 5 against a host iperf3 on 127.0.0.1");
-    measure("microvm qemu backend, passt", runs, "10.0.2.2", &|s| {
-        in_vm(&store, &kernel, &image, s)
-    });
+    let host_ip = common::host_address();
+    measure(
+        "microvm qemu backend, passt",
+        runs,
+        ("10.0.2.2", &host_ip),
+        &|s| in_vm(&store, &kernel, &image, s),
+    );
 
     // podman + runc + slirp4netns beside it, where podman's networking runs here.
     let pdir = base.join("podman");
@@ -191,12 +203,13 @@ fn main() {
     let loaded = have("podman") && have("slirp4netns");
     if loaded {
         common::podman_load(|| podman(&pdir), &images, "iperf");
-    }
-    if loaded {
         // slirp4netns reaches the host's loopback at 10.0.2.2 with allow_host_loopback.
-        measure("podman + runc, slirp4netns", runs, "10.0.2.2", &|s| {
-            in_podman(&pdir, s)
-        });
+        measure(
+            "podman + runc, slirp4netns",
+            runs,
+            ("10.0.2.2", &host_ip),
+            &|s| in_podman(&pdir, s),
+        );
     } else {
         println!(
             "podman + runc: not measured: podman or slirp4netns is missing (scripts/setup-host)"

@@ -157,6 +157,8 @@ fn outbound_http_to_the_host_and_a_name_through_dns() {
         return;
     };
     let port = http_server("127.0.0.1:0", "served-by-the-host");
+    // IPv6 where the host has it (passt then gives the guest fd00:a:2::15, the host at ::2).
+    let port6 = http_server("[::1]:0", "served-over-ipv6");
     // The host's resolver, as passt forwards to it, is the test's: microvm runs in a mount
     // namespace whose /etc/resolv.conf names a DNS server of the test on 127.0.0.2.
     if let Err(e) = dns_server("127.0.0.2:53", "files.microvm.test", [10, 0, 2, 2]) {
@@ -181,6 +183,8 @@ fn outbound_http_to_the_host_and_a_name_through_dns() {
          nslookup files.microvm.test; \
          wget -q -O - http://files.microvm.test:{port}/by-name; echo; \
          wget -q -O - http://files:{port}/by-search-domain; echo; \
+         if ip -6 addr show eth0 | grep -q fd00:a:2::15; then \
+             wget -q -O - http://[fd00:a:2::2]:{port6}/; echo; else echo no-ipv6; fi; \
          ping -c 2 {host_ip} | grep -c 'bytes from'"
     );
     let k = kernel.to_str().unwrap().to_string();
@@ -218,21 +222,16 @@ fn outbound_http_to_the_host_and_a_name_through_dns() {
     assert_eq!(out.matches("served-by-the-host").count(), 3, "{out}");
     assert!(out.contains("Address: 10.0.2.2"), "{out}");
     assert!(out.trim_end().ends_with('2'), "both pings answered: {out}");
-}
-
-/// The host's first global IPv4 address.
-pub fn host_address() -> String {
-    let o = Command::new("ip")
-        .args(["-o", "-4", "addr", "show", "scope", "global"])
-        .output()
-        .unwrap();
-    let out = text(&o.stdout);
-    let addr = out
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no global IPv4 address on this host: {out}"));
-    addr.split('/').next().unwrap().to_string()
+    let host_v6 = std::fs::read_to_string("/proc/net/ipv6_route")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("00000000000000000000000000000000 00 ") && !l.ends_with(" lo"));
+    let want = if host_v6 {
+        "served-over-ipv6"
+    } else {
+        "no-ipv6"
+    };
+    assert!(out.contains(want), "{out}");
 }
 
 /// Widens net.ipv4.ping_group_range to every group while it lives, then puts it back.

@@ -343,19 +343,20 @@ impl Launch {
             Err(e) => return fail(e),
         };
         observer.vm_started(vm.stopper());
-        // A network that fails while the VM runs ends it with its reason, as a volume's does.
-        let net_failure = Arc::new(Mutex::new(None::<String>));
-        let network = {
-            let (failure, stopper) = (net_failure.clone(), vm.stopper());
-            network.vm_started(move |why| {
+        // A volume server or passt that dies ends the VM with its reason, never a hung file
+        // request or a dead link; the first reason is the one reported.
+        let helper_failure = Arc::new(Mutex::new(None::<String>));
+        let on_failure = || {
+            let (failure, stopper) = (helper_failure.clone(), vm.stopper());
+            move |why| {
                 failure
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert(why);
                 stopper.stop();
-            })
+            }
         };
-        let network = match network {
+        let network = match network.vm_started(on_failure()) {
             Ok(n) => n,
             Err(e) => {
                 vm.stop();
@@ -363,18 +364,7 @@ impl Launch {
                 return fail(e.to_string());
             }
         };
-        // A volume server that dies ends the VM with its reason, never a hung file request.
-        let share_failure = Arc::new(Mutex::new(None::<String>));
-        let shares = {
-            let (failure, stopper) = (share_failure.clone(), vm.stopper());
-            shares.watch(move |why| {
-                failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(why);
-                stopper.stop();
-            })
-        };
+        let shares = shares.watch(on_failure());
         let t_vm = crate::timing::since_start();
         let mut t_ready = None;
         let mut t_process = agent::ProcessTimes::default();
@@ -421,8 +411,10 @@ impl Launch {
         };
         // A volume server's or passt's failure explains a run that ended without the
         // command's status.
-        let take = |f: &Mutex<Option<String>>| f.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let helper_failure = take(&share_failure).or_else(|| take(&net_failure));
+        let helper_failure = helper_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let (Err(_), Some(why)) = (&outcome, helper_failure) {
             return ended(EXIT_MICROVM_ERROR, Some(why), false);
         }

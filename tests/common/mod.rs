@@ -293,6 +293,22 @@ pub fn qemu_run<'a>(c: &'a mut Command, kernel: &Path, secs: u32) -> &'a mut Com
         .arg(kernel)
 }
 
+/// The host's first global IPv4 address (passt answers pings to it, not to its gateway
+/// alias).
+pub fn host_address() -> String {
+    let o = Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no global IPv4 address on this host: {out}"));
+    addr.split('/').next().unwrap().to_string()
+}
+
 /// A host HTTP server answering every GET with `body`, on `addr`; returns its port.
 pub fn http_server(addr: &str, body: &'static str) -> u16 {
     let l = TcpListener::bind(addr).unwrap();
