@@ -4,6 +4,8 @@
 //! and what networking adds to a start: the host's work up to "VM started" (`--timings`) on
 //! the kvm backend with the default network against `--network none`.
 //!
+//! Both reach the host at its own address, as containers do (not its loopback).
+//!
 //! Run: `cargo bench --bench network` (BENCH_RUNS=N, default 5). Needs iperf3, passt, umoci,
 //! busybox-static and the guest kernel; widens net.ipv4.ping_group_range while it runs (passt
 //! pings with ICMP sockets) and puts it back.
@@ -24,7 +26,7 @@ struct Server(Child);
 impl Server {
     fn start(port: u16) -> Server {
         let child = Command::new("iperf3")
-            .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-s", "-1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -89,12 +91,7 @@ fn podman(dir: &Path) -> Command {
 /// One `podman run` of the image with slirp4netns running `script`.
 fn in_podman(dir: &Path, script: &str) -> Result<String, String> {
     let o = podman(dir)
-        .args([
-            "run",
-            "--rm",
-            "--network",
-            "slirp4netns:allow_host_loopback=true",
-        ])
+        .args(["run", "--rm", "--network", "slirp4netns"])
         // busybox ping opens a raw socket, which podman drops by default.
         .args(["--cap-add", "NET_RAW"])
         .args(common::PODMAN_RUN_FLAGS.iter().skip(2))
@@ -107,14 +104,8 @@ fn in_podman(dir: &Path, script: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// Throughput both ways and ping through `run`, whose host is at `host` (and answers pings at
-/// `ping`, its own address: passt does not answer them at the gateway alias).
-fn measure(
-    label: &str,
-    runs: usize,
-    (host, ping): (&str, &str),
-    run: &dyn Fn(&str) -> Result<String, String>,
-) {
+/// Throughput both ways and ping through `run`, to the host at its own address `host`.
+fn measure(label: &str, runs: usize, host: &str, run: &dyn Fn(&str) -> Result<String, String>) {
     for (dir, flag) in [("container to host", ""), ("host to container", " -R")] {
         let mut v = Vec::new();
         for i in 0..runs {
@@ -137,7 +128,7 @@ fn measure(
             v.len()
         );
     }
-    match run(&format!("ping -c 20 -i 0.2 {ping}")) {
+    match run(&format!("ping -c 20 -i 0.2 {host}")) {
         Ok(out) => report(&format!("{label}: ping to the host"), rtts(&out)),
         Err(e) => println!("{label}: ping not measured: {e}"),
     }
@@ -181,14 +172,13 @@ fn main() {
     let image = format!("oci:{}", images.join("iperf").display());
     // Loaded once, so the runs measure the network and not the conversion.
     let _ = in_vm(&store, &kernel, &image, "true");
-    println!("bench network: {runs} runs each; iperf3 -t 5 against a host iperf3 on 127.0.0.1");
-    let host_ip = common::host_address();
-    measure(
-        "microvm qemu backend, passt",
-        runs,
-        ("10.0.2.2", &host_ip),
-        &|s| in_vm(&store, &kernel, &image, s),
+    println!(
+        "bench network: {runs} runs each; iperf3 -t 5 against a host iperf3 at the host's address"
     );
+    let host_ip = common::host_address();
+    measure("microvm qemu backend, passt", runs, &host_ip, &|s| {
+        in_vm(&store, &kernel, &image, s)
+    });
 
     // podman + runc + slirp4netns beside it, where podman's networking runs here.
     let pdir = base.join("podman");
@@ -203,13 +193,9 @@ fn main() {
     let loaded = have("podman") && have("slirp4netns");
     if loaded {
         common::podman_load(|| podman(&pdir), &images, "iperf");
-        // slirp4netns reaches the host's loopback at 10.0.2.2 with allow_host_loopback.
-        measure(
-            "podman + runc, slirp4netns",
-            runs,
-            ("10.0.2.2", &host_ip),
-            &|s| in_podman(&pdir, s),
-        );
+        measure("podman + runc, slirp4netns", runs, &host_ip, &|s| {
+            in_podman(&pdir, s)
+        });
     } else {
         println!(
             "podman + runc: not measured: podman or slirp4netns is missing (scripts/setup-host)"

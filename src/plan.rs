@@ -117,6 +117,15 @@ pub enum NetBackend {
         /// The socket's path.
         socket: PathBuf,
     },
+    /// A tap already opened (with the virtio-net header, as the tap backend opens one) and set
+    /// up by the caller, named `name`; each backend duplicates the descriptor. The tap lives
+    /// as long as any copy does.
+    OpenTap {
+        /// The tap's interface name, for messages.
+        name: String,
+        /// Its queue descriptor.
+        fd: SharedFd,
+    },
     /// Our end of a connected Unix stream socket pair whose other end a user-mode network
     /// stack holds (`passt --fd`), with the same framing as [`NetBackend::Stream`]. Nothing to
     /// wait for or connect to; each backend duplicates it for its device.

@@ -45,8 +45,8 @@ fn run_kvm(name: &str, image: &str, flags: &[String], args: &[&str]) -> Option<(
 #[test]
 fn real_linux_under_our_vmm_runs_echo_hi_and_reaches_the_host() {
     let name = "real_linux_under_our_vmm_runs_echo_hi_and_reaches_the_host";
-    let port = http_server("127.0.0.1:0", "through-our-virtio-net");
-    let script = format!("echo hi; wget -q -O - http://10.0.2.2:{port}/");
+    let port = http_server("0.0.0.0:0", "through-our-virtio-net");
+    let script = format!("echo hi; wget -q -O - http://{}:{port}/", host_address());
     let Some((code, out)) = run_kvm(name, "box", &[], &["sh", "-c", &script]) else {
         return;
     };

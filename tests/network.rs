@@ -156,12 +156,16 @@ fn outbound_http_to_the_host_and_a_name_through_dns() {
     let Some(kernel) = kernel_or_skip("outbound_http_to_the_host_and_a_name_through_dns") else {
         return;
     };
-    let port = http_server("127.0.0.1:0", "served-by-the-host");
-    // IPv6 where the host has it (passt then gives the guest fd00:a:2::15, the host at ::2).
-    let port6 = http_server("[::1]:0", "served-over-ipv6");
+    // The host is reached at its own addresses (both families: the server is dual-stack), as
+    // from docker's bridge; what it serves on its loopback only stays out of reach.
+    let port = http_server("[::]:0", "served-by-the-host");
+    let lo_port = http_server("127.0.0.1:0", "loopback-only");
+    let host_ip = host_address();
+    let host_v4: Vec<u8> = host_ip.split('.').map(|o| o.parse().unwrap()).collect();
     // The host's resolver, as passt forwards to it, is the test's: microvm runs in a mount
     // namespace whose /etc/resolv.conf names a DNS server of the test on 127.0.0.2.
-    if let Err(e) = dns_server("127.0.0.2:53", "files.microvm.test", [10, 0, 2, 2]) {
+    let answer = [host_v4[0], host_v4[1], host_v4[2], host_v4[3]];
+    if let Err(e) = dns_server("127.0.0.2:53", "files.microvm.test", answer) {
         skip(
             "outbound_http_to_the_host_and_a_name_through_dns",
             &format!("cannot bind the test's DNS server on 127.0.0.2:53: {e}"),
@@ -172,19 +176,25 @@ fn outbound_http_to_the_host_and_a_name_through_dns() {
     // net.ipv4.ping_group_range (none by default on Debian): opened for this test, as the
     // README tells users to.
     let _ping = PingGroups::allow_all();
-    // passt answers pings to the host's own address (not to its gateway alias 10.0.2.2).
-    let host_ip = host_address();
+    let v6 = match host_address6() {
+        Some(a) => format!(
+            "if ip -6 addr show eth0 | grep -q fd00:a:2::15; then \
+                 wget -q -O - http://[{a}]:{port}/over-ipv6; echo; else echo no-ipv6; fi"
+        ),
+        None => "echo no-ipv6".into(),
+    };
     let dir = temp_dir("net-dns");
     let resolv = dir.0.join("resolv.conf");
     std::fs::write(&resolv, "nameserver 127.0.0.2\nsearch microvm.test\n").unwrap();
     let script = format!(
         "set -e; ip -o addr show eth0; cat /etc/resolv.conf; \
-         wget -q -O - http://10.0.2.2:{port}/file; echo; \
+         wget -q -O - http://{host_ip}:{port}/file; echo; \
          nslookup files.microvm.test; \
          wget -q -O - http://files.microvm.test:{port}/by-name; echo; \
          wget -q -O - http://files:{port}/by-search-domain; echo; \
-         if ip -6 addr show eth0 | grep -q fd00:a:2::15; then \
-             wget -q -O - http://[fd00:a:2::2]:{port6}/; echo; else echo no-ipv6; fi; \
+         {v6}; \
+         wget -q -T 5 -O - http://10.0.2.2:{lo_port}/ || echo gateway-is-not-the-host; \
+         wget -q -T 5 -O - http://{host_ip}:{lo_port}/ || echo loopback-stays-closed; \
          ping -c 2 {host_ip} | grep -c 'bytes from'"
     );
     let k = kernel.to_str().unwrap().to_string();
@@ -219,18 +229,23 @@ fn outbound_http_to_the_host_and_a_name_through_dns() {
     assert!(out.contains("inet 10.0.2.15/24"), "{out}");
     assert!(out.contains("nameserver 10.0.2.3"), "{out}");
     assert!(out.contains("search microvm.test"), "{out}");
-    assert_eq!(out.matches("served-by-the-host").count(), 3, "{out}");
-    assert!(out.contains("Address: 10.0.2.2"), "{out}");
+    assert!(out.contains(&format!("Address: {host_ip}")), "{out}");
+    assert!(!out.contains("loopback-only"), "{out}");
+    assert!(out.contains("gateway-is-not-the-host"), "{out}");
+    assert!(out.contains("loopback-stays-closed"), "{out}");
     assert!(out.trim_end().ends_with('2'), "both pings answered: {out}");
+    // Over IPv6 too where the host has an IPv6 default route (and so the guest an address).
     let host_v6 = std::fs::read_to_string("/proc/net/ipv6_route")
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("00000000000000000000000000000000 00 ") && !l.ends_with(" lo"));
-    let want = if host_v6 {
-        "served-over-ipv6"
+    let count = out.matches("served-by-the-host").count();
+    let (want, n) = if host_v6 && host_address6().is_some() {
+        ("served-by-the-host", 4)
     } else {
-        "no-ipv6"
+        ("no-ipv6", 3)
     };
+    assert_eq!(count, n, "{out}");
     assert!(out.contains(want), "{out}");
 }
 
@@ -264,7 +279,7 @@ fn a_published_port_serves_from_the_guest_and_ps_shows_it() {
     run_detached(
         &kernel,
         name,
-        &["-p", "127.0.0.1:18080:80"],
+        &["-p", "18080:80"],
         &httpd_script("hello-from-the-guest"),
     );
     let got = fetch_until("127.0.0.1:18080", "hello-from-the-guest");
@@ -272,7 +287,7 @@ fn a_published_port_serves_from_the_guest_and_ps_shows_it() {
 
     let ps = assert_ok(&mv(&["ps"]));
     let line = ps.lines().find(|l| l.contains(name)).unwrap_or_default();
-    assert!(line.contains("127.0.0.1:18080->80/tcp"), "{ps}");
+    assert!(line.contains("0.0.0.0:18080->80/tcp"), "{ps}");
     let v: serde_json::Value = serde_json::from_str(&assert_ok(&mv(&["inspect", name]))).unwrap();
     let net = &v[0]["NetworkSettings"];
     assert_eq!(net["IPAddress"], "10.0.2.15", "{net}");
@@ -280,17 +295,20 @@ fn a_published_port_serves_from_the_guest_and_ps_shows_it() {
     assert_eq!(net["MacAddress"], "52:54:00:12:34:56", "{net}");
     assert_eq!(net["Ports"]["80/tcp"][0]["HostPort"], "18080", "{net}");
 
-    // A second container reaches the first through its published port on the host.
+    // A second container reaches the first through its published port on the host's address.
     let o = run(
         &kernel,
         &[],
-        "wget -q -O - http://10.0.2.2:18080/ && echo fetched",
+        &format!(
+            "wget -q -O - http://{}:18080/ && echo fetched",
+            host_address()
+        ),
     );
     let out = assert_ok(&o);
     assert!(out.contains("hello-from-the-guest"), "{out}");
 
     // The port is taken while the container runs: a second -p of it fails at once.
-    let o = run(&kernel, &["-p", "127.0.0.1:18080:80"], "true");
+    let o = run(&kernel, &["-p", "18080:80"], "true");
     assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(err.contains("already in use"), "{err}");
@@ -351,30 +369,23 @@ fn udp_goes_both_ways_through_a_published_port() {
         "--kernel",
         k,
         "-p",
-        "127.0.0.1:18081:81/tcp",
+        "18081:81/tcp",
         "-p",
-        "127.0.0.1:18081:81/udp",
+        "18081:81/udp",
         &image,
         "iperf3",
         "-s",
         "-p",
         "81",
     ]));
+    // From the host's own address, as from another machine.
+    let host = host_address();
     for reverse in [false, true] {
         let deadline = Instant::now() + Duration::from_secs(120);
         let json = loop {
             let mut c = Command::new("iperf3");
             c.args([
-                "-c",
-                "127.0.0.1",
-                "-p",
-                "18081",
-                "-u",
-                "-b",
-                "1M",
-                "-t",
-                "1",
-                "-J",
+                "-c", &host, "-p", "18081", "-u", "-b", "1M", "-t", "1", "-J",
             ]);
             if reverse {
                 c.arg("-R");
@@ -548,8 +559,17 @@ fn a_namespace_with_a_veth_is_taken_over_by_the_guest() {
     let v: serde_json::Value = serde_json::from_str(&assert_ok(&mv(&["inspect", name]))).unwrap();
     assert_eq!(v[0]["NetworkSettings"]["IPAddress"], "10.231.0.2");
     assert!(ns.links().contains("microvm-tap0"), "{}", ns.links());
-    assert_ok(&mv(&["rm", "-f", name]));
-    // The tap went with the VM; the veth is the engine's again.
+    assert_ok(&mv(&["stop", name]));
+    // The tap went with the VM, and the veth's redirect with the run: the veth is the
+    // engine's again.
+    let qdiscs = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "tc", "qdisc", "show", "dev", "eth0",
+        ])
+        .output()
+        .unwrap();
+    let qdiscs = text(&qdiscs.stdout);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
     let links = ns.links();
     assert!(!links.contains("microvm-tap0"), "{links}");
     assert!(links.contains("eth0"), "{links}");

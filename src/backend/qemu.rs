@@ -66,6 +66,10 @@ fn net_args(cmd: &mut Command, net: &NetPlan) -> Result<Option<OwnedFd>, Error> 
             pass_fd(cmd, fd.as_raw_fd(), NET_FD);
             (format!("tap,id=net0,fd={NET_FD},vhost=off"), Some(fd))
         }
+        NetBackend::OpenTap { fd, .. } => {
+            pass_fd(cmd, fd.0.as_raw_fd(), NET_FD);
+            (format!("tap,id=net0,fd={NET_FD},vhost=off"), None)
+        }
         NetBackend::Connected(shared) => {
             pass_fd(cmd, shared.0.as_raw_fd(), NET_FD);
             (
@@ -216,8 +220,16 @@ impl Qemu {
         let mem = plan.memory_mib;
         let mut cmd = Command::new(qemu_bin);
         // Kept open until QEMU is spawned: it gets its own copy.
-        let _net_fd = match &plan.net {
-            Some(net) => Some(net_args(&mut cmd, net)?),
+        let _net_fd = match plan.net.as_ref().map(|net| net_args(&mut cmd, net)) {
+            Some(Err(e)) => {
+                // The vsock helper is already running: it must not outlive this failure.
+                if let Some(mut v) = vsock {
+                    let _ = v.kill();
+                    let _ = v.wait();
+                }
+                return Err(e);
+            }
+            Some(Ok(fd)) => fd,
             None => None,
         };
         cmd.args([

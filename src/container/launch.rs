@@ -340,7 +340,10 @@ impl Launch {
         let t_plan = crate::timing::since_start();
         let (vm, watch) = match RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0) {
             Ok(started) => started,
-            Err(e) => return fail(e),
+            Err(e) => {
+                network.abandon();
+                return fail(e);
+            }
         };
         observer.vm_started(vm.stopper());
         // A volume server or passt that dies ends the VM with its reason, never a hung file
@@ -356,14 +359,7 @@ impl Launch {
                 stopper.stop();
             }
         };
-        let network = match network.vm_started(on_failure()) {
-            Ok(n) => n,
-            Err(e) => {
-                vm.stop();
-                let _ = vm.wait(Duration::from_secs(10));
-                return fail(e.to_string());
-            }
-        };
+        let network = network.vm_started(on_failure());
         let shares = shares.watch(on_failure());
         let t_vm = crate::timing::since_start();
         let mut t_ready = None;

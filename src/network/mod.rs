@@ -18,6 +18,7 @@ use std::sync::Arc;
 use microvm_agent_protocol::NetworkSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::net::tap;
 use crate::helpers::find;
 use crate::plan::{NetBackend, NetPlan, SharedFd};
 pub use passt::PASST_HINT;
@@ -206,18 +207,29 @@ impl Network {
             }
             Mode::Namespace(path) => {
                 let veth = netns::inspect(path)?;
+                // The tap is made (by opening it) and joined to the veth before the VM runs,
+                // so the guest's first frames find the way open.
+                let tap = tap::open(netns::TAP_NAME, Some(path)).map_err(|e| Error::Namespace {
+                    netns: path.clone(),
+                    why: e.to_string(),
+                })?;
+                veth.join_tap()?;
                 let mut spec = veth.spec.clone();
-                if !cfg.dns.is_empty() {
-                    spec.dns = cfg.dns.clone();
-                    spec.write_etc = true;
-                }
+                // Name service as the namespace's own (`ip netns`' /etc/netns/NAME), else the
+                // host's; an engine's bundle mounts its own files instead.
+                spec.dns = if cfg.dns.is_empty() {
+                    netns::resolvers(path)
+                } else {
+                    cfg.dns.clone()
+                };
+                spec.write_etc = true;
                 Ok(Network {
                     plan: Some(NetPlan {
                         mac: spec.mac,
                         mtu: spec.mtu,
-                        backend: NetBackend::Tap {
+                        backend: NetBackend::OpenTap {
                             name: netns::TAP_NAME.into(),
-                            netns: Some(path.clone()),
+                            fd: SharedFd(Arc::new(tap)),
                         },
                     }),
                     spec: Some(spec),
@@ -228,19 +240,19 @@ impl Network {
         }
     }
 
-    /// Finishes the set-up once the VM runs (its backend has opened the tap), and watches
-    /// passt: `on_failure` hears why the network failed while the VM runs.
-    pub fn vm_started(
-        self,
-        on_failure: impl Fn(String) + Send + 'static,
-    ) -> Result<Running, Error> {
-        if let Some(veth) = &self.veth {
-            veth.join_tap()?;
-        }
-        Ok(Running {
+    /// Watches passt once the VM runs: `on_failure` hears why the network failed.
+    pub fn vm_started(self, on_failure: impl Fn(String) + Send + 'static) -> Running {
+        Running {
             passt: self.passt.map(|p| p.watch(on_failure)),
             veth: self.veth,
-        })
+        }
+    }
+
+    /// Undoes the set-up when the VM could not start.
+    pub fn abandon(self) {
+        if let Some(v) = self.veth {
+            v.release();
+        }
     }
 }
 

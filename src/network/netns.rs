@@ -72,8 +72,9 @@ struct Route {
     protocol: Option<String>,
 }
 
-/// Runs `args` inside `netns` and returns its standard output.
-fn run_in(netns: &Path, args: &[&str]) -> Result<String, Error> {
+/// Runs `args` inside `netns` and returns its standard output; `what` names the step in an
+/// error.
+fn run_in(netns: &Path, what: &str, args: &[&str]) -> Result<String, Error> {
     let err = |why: String| Error::Namespace {
         netns: netns.to_owned(),
         why,
@@ -88,30 +89,58 @@ fn run_in(netns: &Path, args: &[&str]) -> Result<String, Error> {
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let line = stderr.lines().last().unwrap_or("").trim().to_owned();
-        return Err(err(format!("{} failed: {line}", args.join(" "))));
+        return Err(err(format!("{what} failed: {line}")));
     }
     String::from_utf8(out.stdout).map_err(|_| err("iproute2 printed non-UTF-8".into()))
 }
 
-/// The veth interfaces in the namespace at `netns`.
+/// The veth interfaces in the namespace at `netns`. A namespace whose network is something
+/// else (a macvlan, ipvlan or tap with an address: pasta, slirp4netns) is refused rather than
+/// left without a network in the VM; and so is our own namespace, the host's network.
 fn veths(netns: &Path) -> Result<Vec<Link>, Error> {
-    if !netns.exists() {
-        return Err(Error::Namespace {
-            netns: netns.to_owned(),
-            why: "no such network namespace file".into(),
-        });
+    let err = |why: String| Error::Namespace {
+        netns: netns.to_owned(),
+        why,
+    };
+    let Ok(meta) = std::fs::metadata(netns) else {
+        return Err(err("no such network namespace file".into()));
+    };
+    if let Ok(ours) = std::fs::metadata("/proc/self/ns/net") {
+        use std::os::unix::fs::MetadataExt;
+        if (meta.dev(), meta.ino()) == (ours.dev(), ours.ino()) {
+            return Err(err(
+                "it is the host's own network namespace, whose interfaces a VM may not take".into(),
+            ));
+        }
     }
+    let text = run_in(
+        netns,
+        "listing its interfaces",
+        &["ip", "-j", "-d", "addr", "show"],
+    )?;
     let links: Vec<Link> =
-        serde_json::from_str(&run_in(netns, &["ip", "-j", "-d", "addr", "show"])?).map_err(
-            |e| Error::Namespace {
-                netns: netns.to_owned(),
-                why: format!("cannot read `ip -j addr`: {e}"),
-            },
-        )?;
-    Ok(links
-        .into_iter()
-        .filter(|l| l.linkinfo.as_ref().is_some_and(|i| i.info_kind == "veth"))
-        .collect())
+        serde_json::from_str(&text).map_err(|e| err(format!("cannot read `ip -j addr`: {e}")))?;
+    let kind = |l: &Link| {
+        l.linkinfo
+            .as_ref()
+            .map_or(String::new(), |i| i.info_kind.clone())
+    };
+    // Interfaces the kernel adds to every namespace (sit0, tunl0, ...) stay down without
+    // addresses (a link-local one comes with being up); one with a global address is the
+    // namespace's network. Our own tap, while a VM runs, is neither.
+    let global = |l: &Link| l.addr_info.iter().any(|a| a.scope == "global");
+    if let Some(other) = links
+        .iter()
+        .find(|l| l.ifname != "lo" && l.ifname != TAP_NAME && kind(l) != "veth" && global(l))
+    {
+        let k = kind(other);
+        return Err(err(format!(
+            "its network is {} ({}), which a VM cannot take over: only a veth",
+            other.ifname,
+            if k.is_empty() { "a device" } else { &k }
+        )));
+    }
+    Ok(links.into_iter().filter(|l| kind(l) == "veth").collect())
 }
 
 /// Whether the namespace at `netns` holds a veth to take over.
@@ -151,7 +180,11 @@ pub fn inspect(netns: &Path) -> Result<Veth, Error> {
     }
     let mut routes = Vec::new();
     for family in ["-4", "-6"] {
-        let text = run_in(netns, &["ip", "-j", family, "route", "show"])?;
+        let text = run_in(
+            netns,
+            "listing its routes",
+            &["ip", "-j", family, "route", "show"],
+        )?;
         let list: Vec<Route> = serde_json::from_str(&text)
             .map_err(|e| err(format!("cannot read `ip -j {family} route`: {e}")))?;
         routes.extend(guest_routes(&list, &veth.ifname));
@@ -220,6 +253,29 @@ fn guest_routes(list: &[Route], dev: &str) -> Vec<RouteSpec> {
     on_link
 }
 
+/// Name servers for a container in the namespace `netns`: those of `/etc/netns/NAME/resolv.conf`
+/// when `ip netns` keeps one for it, else the host's, less loopback ones (unreachable from the
+/// namespace).
+pub fn resolvers(netns: &Path) -> Vec<IpAddr> {
+    let own = netns
+        .file_name()
+        .map(|n| Path::new("/etc/netns").join(n).join("resolv.conf"));
+    let text = own
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .or_else(|| std::fs::read_to_string("/etc/resolv.conf").ok())
+        .unwrap_or_default();
+    name_servers(&text)
+}
+
+fn name_servers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
@@ -230,10 +286,12 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl Veth {
-    /// Joins the VM's tap (made by the VM's backend when it opened it) to the veth: the tap up
-    /// with the veth's MTU, and the redirect filters both ways.
+    /// Joins the tap (just opened, so made if it was missing) to the veth before the VM runs:
+    /// the tap up with the veth's MTU, and the redirect filters both ways. An ingress qdisc a
+    /// killed run left on the veth is replaced; on failure, nothing of ours is left.
     pub fn join_tap(&self) -> Result<(), Error> {
         let script = r#"set -e
+tc qdisc del dev "$2" ingress 2>/dev/null || true
 ip link set "$1" mtu "$3" up
 tc qdisc add dev "$2" ingress
 tc filter add dev "$2" parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev "$1"
@@ -241,11 +299,15 @@ tc qdisc add dev "$1" ingress
 tc filter add dev "$1" parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev "$2"
 "#;
         let mtu = self.spec.mtu.to_string();
-        run_in(
+        let joined = run_in(
             &self.netns,
+            "joining the VM's tap to the veth (ip, tc)",
             &["sh", "-c", script, "sh", TAP_NAME, &self.name, &mtu],
-        )
-        .map(drop)
+        );
+        if joined.is_err() {
+            self.release();
+        }
+        joined.map(drop)
     }
 
     /// Takes the veth's redirect filter away again (the tap's went with the tap), so the
@@ -253,6 +315,7 @@ tc filter add dev "$1" parent ffff: protocol all u32 match u8 0 0 action mirred 
     pub fn release(&self) {
         let _ = run_in(
             &self.netns,
+            "removing the veth's redirect",
             &["tc", "qdisc", "del", "dev", &self.name, "ingress"],
         );
     }
@@ -261,6 +324,23 @@ tc filter add dev "$1" parent ffff: protocol all u32 match u8 0 0 action mirred 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_name_servers_are_left_out() {
+        let text =
+            "# x\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver fd00::53\nsearch x\n";
+        let got: Vec<String> = name_servers(text).iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, vec!["192.0.2.53", "fd00::53"]);
+    }
+
+    #[test]
+    fn our_own_namespace_is_refused() {
+        let e = inspect(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(
+            e.to_string().contains("the host's own network namespace"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn macs_parse_strictly() {

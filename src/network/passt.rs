@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +36,9 @@ const LOG_SIZE: u64 = 1 << 20;
 pub struct Passt {
     /// Taken by [`Passt::watch`].
     child: Option<Child>,
-    /// Signals passt without a pid that could be reused once it is reaped.
-    pidfd: OwnedFd,
+    /// Signals passt without a pid that could be reused once it is reaped; taken by
+    /// [`Passt::watch`].
+    pidfd: Option<OwnedFd>,
     log: PathBuf,
 }
 
@@ -58,7 +60,11 @@ impl Passt {
         cmd.args(["-a", &user::GUEST_V4.to_string()])
             .args(["-n", &user::PREFIX_V4.to_string()])
             .args(["-g", &user::GATEWAY_V4.to_string()])
-            .args(["--dns-forward", &user::DNS_V4.to_string()]);
+            .args(["--dns-forward", &user::DNS_V4.to_string()])
+            // The gateway is not the host's loopback: a container reaches the host at the
+            // host's own addresses, as under docker's bridge, and never the services the host
+            // keeps to 127.0.0.1.
+            .arg("--no-map-gw");
         if net.ipv6 {
             cmd.args(["-a", &user::GUEST_V6.to_string()])
                 .args(["-g", &user::GATEWAY_V6.to_string()]);
@@ -74,7 +80,10 @@ impl Passt {
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::null())
+            // Out of the terminal's foreground group: Ctrl-C is the container's, and passt
+            // ends when the VM's end of its socket closes.
+            .process_group(0);
         pass_fd(&mut cmd, theirs.as_raw_fd(), PASST_FD);
         let mut child = cmd
             .spawn()
@@ -90,7 +99,7 @@ impl Passt {
         Ok((
             Passt {
                 child: Some(child),
-                pidfd,
+                pidfd: Some(pidfd),
                 log,
             },
             ours.into(),
@@ -102,7 +111,7 @@ impl Passt {
         let stopping = Arc::new(AtomicBool::new(false));
         let mut child = self.child.take().expect("watched once");
         let log = std::mem::take(&mut self.log);
-        let pidfd = self.pidfd.try_clone();
+        let pidfd = self.pidfd.take();
         let flag = stopping.clone();
         let thread = std::thread::spawn(move || {
             let status = child.wait();
@@ -118,7 +127,7 @@ impl Passt {
         });
         PasstWatch {
             stopping,
-            pidfd: pidfd.ok(),
+            pidfd,
             thread: Some(thread),
         }
     }

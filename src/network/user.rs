@@ -1,8 +1,8 @@
 //! The default network: user-mode networking through passt, with fixed addresses as QEMU's
-//! user-mode network has them, so they can be documented: the guest is 10.0.2.15/24, the host
-//! is reachable at the gateway 10.0.2.2 (passt maps it to the host's loopback), and DNS queries
-//! to 10.0.2.3 go to the host's resolver. With IPv6 on the host: fd00:a:2::15/64, the host at
-//! fd00:a:2::2.
+//! user-mode network has them, so they can be documented: the guest is 10.0.2.15/24 behind the
+//! gateway 10.0.2.2, and DNS queries to 10.0.2.3 go to the host's resolver. With IPv6 on the
+//! host: fd00:a:2::15/64 behind fd00:a:2::2. The host itself is reached at its own addresses,
+//! as from docker's bridge: the gateway is not mapped to the host's loopback.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,7 +12,7 @@ use microvm_agent_protocol::{IfAddress, NetworkSpec, RouteSpec};
 pub const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Its prefix length.
 pub const PREFIX_V4: u8 = 24;
-/// The gateway, which is also the host.
+/// The gateway.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// Where the guest sends DNS queries (forwarded to the host's resolver).
 pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
@@ -20,7 +20,7 @@ pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 pub const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa, 0x2, 0, 0, 0, 0, 0x15);
 /// Its prefix length.
 pub const PREFIX_V6: u8 = 64;
-/// The IPv6 gateway, which is also the host.
+/// The IPv6 gateway.
 pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa, 0x2, 0, 0, 0, 0, 0x2);
 /// The guest's MAC address (each VM has a link of its own, so all may share it).
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

@@ -309,6 +309,20 @@ pub fn host_address() -> String {
     addr.split('/').next().unwrap().to_string()
 }
 
+/// The host's first global IPv6 address, if it has one.
+pub fn host_address6() -> Option<String> {
+    let o = Command::new("ip")
+        .args(["-o", "-6", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)?;
+    Some(addr.split('/').next()?.to_string())
+}
+
 /// A host HTTP server answering every GET with `body`, on `addr`; returns its port.
 pub fn http_server(addr: &str, body: &'static str) -> u16 {
     let l = TcpListener::bind(addr).unwrap();

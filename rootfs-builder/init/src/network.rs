@@ -46,6 +46,11 @@ pub fn configure(spec: &NetworkSpec) -> Result<(), String> {
 /// Writes /etc/resolv.conf and /etc/hosts under `root` for `hostname`.
 pub fn write_etc(root: &Path, spec: &NetworkSpec, hostname: &str) -> Result<(), String> {
     let etc = root.join("etc");
+    // An image's /etc that is a symbolic link would lead the writes out of its root.
+    if etc.is_symlink() {
+        crate::log("the image's /etc is a symbolic link: resolv.conf and hosts left as they are");
+        return Ok(());
+    }
     std::fs::create_dir_all(&etc).map_err(|e| format!("mkdir {}: {e}", etc.display()))?;
     if !spec.dns.is_empty() || !spec.search.is_empty() {
         let mut text = String::new();
@@ -298,7 +303,7 @@ impl Netlink {
         req.attr(RTA_OIF, &index.to_ne_bytes());
         match self.call(req) {
             // The kernel already made the on-link route of an address it was given.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && r.gateway.is_none() => Ok(()),
             other => other,
         }
     }

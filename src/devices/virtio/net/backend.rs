@@ -49,10 +49,14 @@ impl Backend {
                 let fd = tap::open(name, netns.as_deref())?;
                 Ok(Backend::Tap(Tap::new(fd, name)))
             }
+            NetBackend::OpenTap { name, fd } => {
+                let fd = fd.0.try_clone().map_err(Error::Dup)?;
+                Ok(Backend::Tap(Tap::new(fd, name)))
+            }
             NetBackend::Stream { socket } => Ok(Backend::Stream(Stream::connect(socket)?)),
             NetBackend::Connected(shared) => {
                 // Our own descriptor for it: the plan keeps its copy, and may be used again.
-                let sock = UnixStream::from(shared.0.try_clone().map_err(Error::SocketPair)?);
+                let sock = UnixStream::from(shared.0.try_clone().map_err(Error::Dup)?);
                 Ok(Backend::Stream(
                     Stream::new(sock, None).map_err(Error::SocketPair)?,
                 ))

@@ -22,9 +22,7 @@ use super::backend::{Backend, Sent};
 use super::chain::{read_tx_frame, MAX_TX_LEN};
 use super::config::{self, config_bytes, CONFIG_SIZE};
 use super::rx::{Delivery, RxChains};
-use super::{
-    format_mac, Error, FailureHook, ETH_HLEN, MIN_MTU, QUEUE_SIZE, VLAN_HLEN, VNET_HDR_LEN,
-};
+use super::{Error, FailureHook, ETH_HLEN, MIN_MTU, QUEUE_SIZE, VLAN_HLEN, VNET_HDR_LEN};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -399,7 +397,7 @@ fn is_gso(hdr: &[u8; VNET_HDR_LEN]) -> bool {
 /// Refuses a MAC no interface may own and an MTU no guest accepts.
 fn check_plan(plan: &NetPlan) -> Result<(), Error> {
     if plan.mac[0] & 1 != 0 || plan.mac == [0; 6] {
-        return Err(Error::BadMac(format_mac(&plan.mac)));
+        return Err(Error::BadMac(microvm_agent_protocol::mac_text(&plan.mac)));
     }
     if plan.mtu < MIN_MTU {
         return Err(Error::MtuTooSmall(plan.mtu));

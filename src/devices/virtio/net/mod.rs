@@ -111,18 +111,13 @@ pub enum Error {
     /// The socket pair to the backend cannot be used.
     #[error("cannot use the socket pair to the network backend: {0}")]
     SocketPair(std::io::Error),
+    /// The descriptor handed over in the plan cannot be duplicated.
+    #[error("cannot duplicate the network backend's descriptor: {0}")]
+    Dup(std::io::Error),
     /// The helper thread that enters the namespace could not run.
     #[error("cannot start a thread to open the tap device: {0}")]
     Thread(std::io::Error),
     /// An eventfd for the device.
     #[error("virtio-net: cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }

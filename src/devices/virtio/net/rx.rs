@@ -65,9 +65,12 @@ impl RxChains {
     }
 
     /// Takes the next usable chain from `q` into the held list; malformed chains are returned
-    /// to the driver at once with nothing written. Returns false when the ring is empty.
+    /// to the driver at once with nothing written. Returns false when the ring is empty (or
+    /// held only malformed chains).
     fn take_chain(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> QueueResult<bool> {
-        loop {
+        // At most a ring's worth per call: a guest that keeps posting malformed chains from
+        // another vCPU cannot hold the device loop here.
+        for _ in 0..=q.size() {
             let Some(chain) = pop(q, mem)? else {
                 return Ok(false);
             };
@@ -97,6 +100,7 @@ impl RxChains {
                 }
             }
         }
+        Ok(false)
     }
 
     /// Writes `hdr` (its `num_buffers` set here) and `frame` into held chains, taking more from
