@@ -418,8 +418,8 @@ fn killing_microvm_leaves_no_helper_running() {
         .collect();
     assert_eq!(
         helpers.len(),
-        2,
-        "QEMU and vhost-device-vsock expected as children"
+        3,
+        "QEMU, vhost-device-vsock and passt (the network) expected as children"
     );
     child.kill().unwrap();
     child.wait().unwrap();

@@ -706,6 +706,7 @@ fn the_command_line_answers_as_runc_does() {
         r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
             "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "mounts": [{"destination": "/mnt", "type": "nfs", "source": "server:/x"}],
+            "linux": {"namespaces": [{"type": "network"}]},
             "annotations": {"io.microvm.hypervisor": "qemu"}}"#,
     )
     .unwrap();
