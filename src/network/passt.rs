@@ -109,7 +109,14 @@ impl Passt {
     /// Watches passt: `on_exit` gets a one-line reason if it exits while the VM runs.
     pub fn watch(mut self, on_exit: impl Fn(String) + Send + 'static) -> PasstWatch {
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut child = self.child.take().expect("watched once");
+        // Always there: only `watch`, which takes `self`, takes it.
+        let Some(mut child) = self.child.take() else {
+            return PasstWatch {
+                stopping,
+                pidfd: None,
+                thread: None,
+            };
+        };
         let log = std::mem::take(&mut self.log);
         let pidfd = self.pidfd.take();
         let flag = stopping.clone();
