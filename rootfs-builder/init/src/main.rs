@@ -69,17 +69,18 @@ fn run() -> Result<(), String> {
         }
         other => return Err(format!("unexpected first message from the host: {other:?}")),
     };
-    system::set_hostname(if spec.hostname.is_empty() {
-        "microvm"
+    let hostname = if spec.hostname.is_empty() {
+        "microvm".to_string()
     } else {
-        &spec.hostname
-    });
+        spec.hostname.clone()
+    };
+    system::set_hostname(&hostname);
     if let Err(e) = network::loopback() {
         log(&e);
     }
     // A root, mount or network that cannot be made fails the start with its reason, as runc's
     // would.
-    let setup = prepare_root(&spec);
+    let setup = prepare_root(&spec, &hostname);
 
     let streams = process::Streams {
         stdin: open_stream(port, proto::Stream::Stdin)?,
@@ -89,11 +90,6 @@ fn run() -> Result<(), String> {
     if let Err(e) = setup {
         return process::fail(streams, &mut control, e);
     }
-    let hostname = if spec.hostname.is_empty() {
-        "microvm".to_string()
-    } else {
-        spec.hostname.clone()
-    };
     // Listening before the process starts: the host may exec the moment it hears `Started`.
     // Without it exec and top fail; the container itself runs on.
     if let Err(e) = exec::listen(hostname) {
@@ -102,8 +98,9 @@ fn run() -> Result<(), String> {
     process::run(&spec, streams, &mut control)
 }
 
-/// Assembles the container's root with its volumes and mounts, and enters it.
-fn prepare_root(spec: &proto::RunSpec) -> Result<(), String> {
+/// Assembles the container's root with its volumes, mounts and network (`hostname` named in
+/// its /etc/hosts), and enters it.
+fn prepare_root(spec: &proto::RunSpec, hostname: &str) -> Result<(), String> {
     let root = match (&spec.shared_root, &spec.root) {
         (Some(shared), _) => root::assemble_shared(shared)?,
         (None, Some(root)) => root::assemble(root)?,
@@ -112,11 +109,6 @@ fn prepare_root(spec: &proto::RunSpec) -> Result<(), String> {
     if let Some(net) = &spec.network {
         network::configure(net)?;
         if net.write_etc {
-            let hostname = if spec.hostname.is_empty() {
-                "microvm"
-            } else {
-                &spec.hostname
-            };
             network::write_etc(&root, net, hostname)?;
         }
     }
