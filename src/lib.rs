@@ -17,6 +17,7 @@ pub mod initramfs;
 pub mod logging;
 pub mod network;
 pub mod plan;
+pub mod registry;
 pub mod runtime;
 pub mod scratch;
 pub mod signals;

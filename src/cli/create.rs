@@ -13,7 +13,9 @@ use crate::container::{
     self, config::parse_signal, launch::check_slots, Container, ContainerConfig, ProcessConfig,
     RootSource,
 };
+use super::registry::RegistryArgs;
 use crate::network::{self, NetworkConfig};
+use crate::registry::PullPolicy;
 use crate::volumes;
 
 /// The flags that make a container (`create`, and `run` on top of them).
@@ -80,6 +82,13 @@ pub struct CreateArgs {
     /// Remove the container (and its sandbox layer) when its process exits.
     #[arg(long)]
     pub rm: bool,
+    /// Pull the image from its registry: when it is not stored (missing), every time
+    /// (always), or never.
+    #[arg(long, value_enum, default_value = "missing", value_name = "POLICY")]
+    pub pull: PullPolicy,
+    /// How to reach the registry, when pulling.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// IMAGE: a stored name or a transport reference such as oci:DIR:TAG (or, with --rootfs, a
     /// directory).
     #[arg(value_name = "IMAGE")]
@@ -91,6 +100,42 @@ pub struct CreateArgs {
         allow_hyphen_values = true
     )]
     pub command: Vec<String>,
+}
+
+/// The image `name`, pulled first as `policy` says; a pull not asked for explicitly is
+/// announced as docker does, and draws progress bars on a terminal.
+fn image_for_run(
+    store: &crate::image::Store,
+    name: &str,
+    policy: PullPolicy,
+    opts: &crate::registry::Options,
+) -> Result<crate::image::Image, crate::registry::Error> {
+    use std::io::IsTerminal;
+    let progress = std::io::stderr().is_terminal();
+    crate::registry::image_for_run(store, name, policy, opts, progress, |name| {
+        eprintln!("Unable to find image '{name}' locally")
+    })
+}
+
+/// Pulls the image now when `--pull` says so, so that a foreground `run` can still be
+/// interrupted while it downloads (it blocks its signals afterwards); [`make`] then finds it
+/// stored.
+pub fn pull_first(args: &mut CreateArgs) -> Result<(), String> {
+    if args.rootfs {
+        return Ok(());
+    }
+    let store = crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
+    match image_for_run(&store, &args.image, args.pull, &args.registry.options()) {
+        Ok(_) => {
+            if args.pull == PullPolicy::Always {
+                args.pull = PullPolicy::Missing;
+            }
+            Ok(())
+        }
+        // Said again, with the directory hint, by `make`.
+        Err(crate::registry::Error::Image(crate::image::Error::NotFound(_))) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Runs `microvm create`: prints the new container's id.
@@ -163,7 +208,7 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
     } else {
         let store =
             crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
-        let image = store.resolve(&args.image).map_err(|e| {
+        let image = image_for_run(&store, &args.image, args.pull, &args.registry.options()).map_err(|e| {
             let hint = Path::new(&args.image).is_dir().then(|| {
                 format!(
                     " ({0} is a directory: oci:{0} runs the OCI layout there, --rootfs {0} uses it as the root)",

@@ -11,6 +11,7 @@ mod inspect;
 mod logs;
 mod pause;
 mod ps;
+mod registry;
 mod rm;
 mod run;
 mod save;
@@ -96,6 +97,14 @@ pub enum Command {
     Prune,
     /// Write images to an archive (docker-archive or oci-archive).
     Save(save::SaveArgs),
+    /// Download an image from a registry into the image store.
+    Pull(registry::PullArgs),
+    /// Upload a stored image to a registry.
+    Push(registry::PushArgs),
+    /// Log in to a registry (the credentials are checked, then kept for pull and push).
+    Login(registry::LoginArgs),
+    /// Forget a registry's credentials.
+    Logout(registry::LogoutArgs),
 }
 
 /// Runs the parsed command; returns the process exit status.
@@ -132,6 +141,10 @@ pub fn run(cli: Cli) -> i32 {
         Command::Rmi(args) => image::rmi(args),
         Command::Prune => image::prune(),
         Command::Save(args) => save::save(args),
+        Command::Pull(args) => registry::pull(args),
+        Command::Push(args) => registry::push(args),
+        Command::Login(args) => registry::login(args),
+        Command::Logout(args) => registry::logout(args),
     }
 }
 

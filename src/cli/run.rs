@@ -33,6 +33,10 @@ pub fn run(args: RunArgs) -> i32 {
             Err(e) => fail(e),
         };
     }
+    let mut args = args;
+    if let Err(e) = create::pull_first(&mut args.create) {
+        return fail(e);
+    }
     // Signals go to the container's process; block them before any thread starts.
     let signals = match foreground::block_signals() {
         Ok(s) => s,

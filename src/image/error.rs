@@ -89,7 +89,7 @@ pub enum Error {
         available: String,
     },
     /// No image with that name is loaded.
-    #[error("no image named {0:?}: load it first with `microvm load`, or see `microvm images`")]
+    #[error("no image named {0:?}: pull it with `microvm pull`, load it with `microvm load`, or see `microvm images`")]
     NotFound(String),
     /// `rmi` of a name the store does not have.
     #[error("no such image: {0} (see `microvm images`)")]

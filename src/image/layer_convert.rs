@@ -163,6 +163,23 @@ impl Failure {
     }
 }
 
+/// Converts the layer whose blob `source` streams (a download, say) into a squashfs image at
+/// `tmp`, as [`convert`] does a stored blob: `source` is hashed on the way and must match
+/// `digest`. `progress` sees the compressed bytes read.
+pub(crate) fn convert_stream(
+    source: &mut dyn Read,
+    digest: &Digest,
+    tmp: &Path,
+    progress: &indicatif::ProgressBar,
+) -> Result<Summary, Error> {
+    let name = format!("layer {digest}");
+    run_tar2sqfs(tmp, digest.as_str(), |stdin| {
+        read_from(source, &name, digest, progress, |r| {
+            layer_rewrite::rewrite(r, stdin)
+        })
+    })
+}
+
 /// Streams the layer blob at `blob` through its decompressor into `f`, then checks the blob
 /// against `digest`: a damaged blob is reported as that, whatever `f` made of it.
 fn read_layer<T>(
@@ -174,7 +191,19 @@ fn read_layer<T>(
     let file = File::open(blob)
         .ctx(|| format!("opening layer blob {}", blob.display()))
         .map_err(Failure::Store)?;
-    let hashing = HashingReader::new(progress.wrap_read(file));
+    let name = format!("layer blob {}", blob.display());
+    read_from(file, &name, digest, progress, f)
+}
+
+/// [`read_layer`] over any reader; `name` says what it reads, in messages.
+fn read_from<T>(
+    source: impl Read,
+    name: &str,
+    digest: &Digest,
+    progress: &indicatif::ProgressBar,
+    f: impl FnOnce(&mut dyn Read) -> Result<T, RewriteError>,
+) -> Result<T, Failure> {
+    let hashing = HashingReader::new(progress.wrap_read(source));
     let mut buffered = BufReader::with_capacity(READ_BUF, hashing);
     let compression = detect_compression(&mut buffered).map_err(|e| {
         Failure::Store(Error::HostileLayer {
@@ -191,7 +220,7 @@ fn read_layer<T>(
     let (actual, _) = buffered
         .into_inner()
         .drain_and_finish()
-        .ctx(|| format!("reading layer blob {}", blob.display()))
+        .ctx(|| format!("reading {name}"))
         .map_err(Failure::Store)?;
     if &actual != digest {
         return Err(Failure::Store(Error::DigestMismatch {

@@ -27,6 +27,7 @@ mod lock;
 mod names;
 mod oci_layout;
 mod progress;
+mod pulled;
 pub mod reference;
 mod save;
 mod source;
@@ -36,6 +37,9 @@ pub use commit::{check_name, parse_change, Change, CommitOptions};
 pub use digest::Digest;
 pub use error::Error;
 pub use layer_convert::{Compression, SQUASHFS_COMPRESSOR};
+pub(crate) use oci_layout::{choose_platform, INDEX_TYPES, MANIFEST_TYPES};
+pub(crate) use progress::{bar as progress_bar, short as short_digest};
+pub use pulled::{BlobRef, PushPlan, MAX_DOCUMENT};
 pub use save::SaveFormat;
 pub use store::{LayerLease, Store};
 

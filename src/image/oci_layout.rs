@@ -131,7 +131,7 @@ pub(crate) fn select(src: &Source, tag: Option<&str>) -> Result<Selected, Error>
         .find(|n| n.contains(':') || n.contains('/'))
         .or(found.first())
         .cloned();
-    let chosen = choose_platform(src, &candidates)?;
+    let chosen = choose_platform(&src.name(), &candidates)?;
     let (digest, bytes) = resolve(src, chosen, 0)?;
     Ok(Selected {
         digest,
@@ -180,13 +180,16 @@ fn resolve(src: &Source, d: &Descriptor, depth: usize) -> Result<(Digest, Vec<u8
         )
     })?;
     let entries: Vec<&Descriptor> = index.manifests().iter().collect();
-    let chosen = choose_platform(src, &entries)?;
+    let chosen = choose_platform(&src.name(), &entries)?;
     resolve(src, chosen, depth + 1)
 }
 
 /// The linux/amd64 entry; an entry without a platform is taken when it is the only one (or all
 /// others are attestations, `unknown/unknown`).
-fn choose_platform<'a>(src: &Source, entries: &[&'a Descriptor]) -> Result<&'a Descriptor, Error> {
+pub(crate) fn choose_platform<'a>(
+    source_name: &str,
+    entries: &[&'a Descriptor],
+) -> Result<&'a Descriptor, Error> {
     if let Some(d) = entries.iter().find(|d| {
         d.platform()
             .as_ref()
@@ -207,7 +210,7 @@ fn choose_platform<'a>(src: &Source, entries: &[&'a Descriptor]) -> Result<&'a D
         })
         .collect();
     Err(Error::NoPlatform {
-        source_name: src.name(),
+        source_name: source_name.to_string(),
         available: if available.is_empty() {
             "nothing".into()
         } else {

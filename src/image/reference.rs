@@ -64,10 +64,20 @@ pub fn parse_transport(s: &str) -> Option<Result<TransportRef, Error>> {
 }
 
 /// Normalises a docker-style name: adds `:latest` when no tag is given and drops docker.io's
-/// implicit prefixes, so `docker.io/library/busybox` is `busybox:latest`.
+/// implicit prefixes, so `docker.io/library/busybox` is `busybox:latest`; `REPO@sha256:...`
+/// stays pinned to its digest.
 pub fn normalize_name(s: &str) -> Result<String, Error> {
     let bad = || Error::BadName(s.chars().take(200).collect());
-    if s.is_empty() || s.len() > 255 || s.contains('@') {
+    if let Some((name, digest)) = s.split_once('@') {
+        // `REPO@sha256:...`: an image pulled by digest alone; a tag beside the digest is
+        // dropped, as docker does.
+        let digest = super::Digest::parse(digest).map_err(|_| bad())?;
+        let (repo, _) = split_name(name);
+        let repo = normalize_name(repo)?;
+        let repo = repo.strip_suffix(":latest").unwrap_or(&repo);
+        return Ok(format!("{repo}@{digest}"));
+    }
+    if s.is_empty() || s.len() > 255 {
         return Err(bad());
     }
     let (repo, tag) = split_name(s);
@@ -90,8 +100,11 @@ pub fn normalize_name(s: &str) -> Result<String, Error> {
     Ok(format!("{repo}:{tag}"))
 }
 
-/// Splits `repo[:tag]`; a colon before the last `/` belongs to a registry host's port.
+/// Splits `repo[:tag]` (`repo@digest` has no tag); a colon before the last `/` belongs to a registry host's port.
 pub fn split_name(s: &str) -> (&str, Option<&str>) {
+    if let Some((repo, _digest)) = s.split_once('@') {
+        return (repo, None);
+    }
     match s.rfind(':') {
         Some(i) if !s[i..].contains('/') => (&s[..i], Some(&s[i + 1..])),
         _ => (s, None),
@@ -214,6 +227,12 @@ mod tests {
             normalize_name("quay.io/x/y:v1.0").unwrap(),
             "quay.io/x/y:v1.0"
         );
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            normalize_name(&format!("docker.io/library/busybox:1@{d}")).unwrap(),
+            format!("busybox@{d}")
+        );
+        assert_eq!(split_name(&format!("busybox@{d}")), ("busybox", None));
         for bad in [
             "",
             "Busybox",

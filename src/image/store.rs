@@ -27,7 +27,7 @@ use super::{Image, ImageSummary, PruneReport, RunConfig};
 
 /// Prefix of temporary files; never trusted, removed by the next conversion of the same layer
 /// or by `prune`.
-const TMP_PREFIX: &str = ".tmp-";
+pub(super) const TMP_PREFIX: &str = ".tmp-";
 /// Prefix of merged layer images (`layers/merged-<key>.sqfs`, see [`merge_key`]).
 const MERGED_PREFIX: &str = "merged-";
 /// Blobs smaller than this get no progress bar.
@@ -643,7 +643,7 @@ impl Store {
     }
 
     /// Converts one layer unless done already; the caller holds the shared store lock.
-    fn layer_image(&self, d: &Digest) -> Result<PathBuf, Error> {
+    pub(super) fn layer_image(&self, d: &Digest) -> Result<PathBuf, Error> {
         let blob = self.blob_path(d);
         self.cached_image(
             d.hex(),
@@ -768,17 +768,17 @@ fn guess_transport(reference: &str) -> Result<TransportRef, Error> {
     })
 }
 
-fn parse_manifest(bytes: &[u8], d: &Digest) -> Result<ImageManifest, Error> {
+pub(super) fn parse_manifest(bytes: &[u8], d: &Digest) -> Result<ImageManifest, Error> {
     ImageManifest::from_reader(bytes)
         .map_err(|e| Error::format(format!("manifest {d}"), e.to_string()))
 }
 
-fn parse_config(bytes: &[u8], d: &Digest) -> Result<ImageConfiguration, Error> {
+pub(super) fn parse_config(bytes: &[u8], d: &Digest) -> Result<ImageConfiguration, Error> {
     ImageConfiguration::from_reader(bytes)
         .map_err(|e| Error::format(format!("image config {d}"), e.to_string()))
 }
 
-fn check_image(
+pub(super) fn check_image(
     m: &ImageManifest,
     config: &ImageConfiguration,
     cfg_digest: &Digest,

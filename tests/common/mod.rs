@@ -2,6 +2,8 @@
 //! `microvm`, and skips KVM tests loudly where /dev/kvm is missing.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpListener;
