@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use super::registry::RegistryArgs;
 use super::vm_args::VmArgs;
 use super::{error_line, EXIT_MICROVM_ERROR};
 use crate::backend::{self, Hypervisor};
@@ -13,7 +14,6 @@ use crate::container::{
     self, config::parse_signal, launch::check_slots, Container, ContainerConfig, ProcessConfig,
     RootSource,
 };
-use super::registry::RegistryArgs;
 use crate::network::{self, NetworkConfig};
 use crate::registry::PullPolicy;
 use crate::volumes;

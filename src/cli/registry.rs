@@ -137,6 +137,10 @@ pub fn push(args: PushArgs) -> i32 {
 
 /// Runs `microvm login`.
 pub fn login(args: LoginArgs) -> i32 {
+    // The registry's name first: no password is asked for a name that cannot be one.
+    if let Err(e) = registry::reference::registry_host(&args.server) {
+        return fail(e);
+    }
     let creds = match credentials(&args) {
         Ok(c) => c,
         Err(e) => return fail(e),

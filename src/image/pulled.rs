@@ -159,9 +159,12 @@ impl Store {
                 actual: len,
             });
         }
-        let file = writer
-            .into_inner()
-            .map_err(|e| Error::io(format!("writing {}", blob_tmp.path.display()), e.into_error()))?;
+        let file = writer.into_inner().map_err(|e| {
+            Error::io(
+                format!("writing {}", blob_tmp.path.display()),
+                e.into_error(),
+            )
+        })?;
         file.sync_all()
             .ctx(|| format!("syncing {}", blob_tmp.path.display()))?;
         image_tmp

@@ -101,7 +101,9 @@ pub fn write_path() -> Result<PathBuf, Error> {
         .or_else(|| env_path("XDG_RUNTIME_DIR").map(|d| d.join("containers/auth.json")))
         .or_else(|| home().map(|h| h.join(".docker/config.json")))
         .ok_or_else(|| {
-            Error::Credentials("no place to keep credentials: set REGISTRY_AUTH_FILE or HOME".into())
+            Error::Credentials(
+                "no place to keep credentials: set REGISTRY_AUTH_FILE or HOME".into(),
+            )
         })
 }
 
@@ -283,7 +285,11 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     let mut params = HashMap::new();
     while !rest.is_empty() {
         let (key, after) = rest.split_once('=')?;
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let after = after.trim_start();
         let (value, remaining) = if let Some(q) = after.strip_prefix('"') {
             let mut value = String::new();
@@ -348,7 +354,14 @@ mod tests {
         assert_eq!(k[1], "docker.io/library");
         assert!(k.contains(&"https://index.docker.io/v1/".to_string()));
         let k = keys("localhost:5000", None);
-        assert_eq!(k, ["localhost:5000", "https://localhost:5000", "http://localhost:5000"]);
+        assert_eq!(
+            k,
+            [
+                "localhost:5000",
+                "https://localhost:5000",
+                "http://localhost:5000"
+            ]
+        );
     }
 
     #[test]

@@ -64,11 +64,10 @@ impl<'a> BlobReader<'a> {
         match resp.status().as_u16() {
             200 => skip = self.offset, // the range was ignored: the whole blob again
             206 if self.offset > 0 => {
-                let start = header(&resp, "content-range")
-                    .and_then(|v| {
-                        let v = v.trim().strip_prefix("bytes ")?;
-                        v.split('-').next()?.trim().parse::<u64>().ok()
-                    });
+                let start = header(&resp, "content-range").and_then(|v| {
+                    let v = v.trim().strip_prefix("bytes ")?;
+                    v.split('-').next()?.trim().parse::<u64>().ok()
+                });
                 if start != Some(self.offset) {
                     return Err(Error::Protocol {
                         registry: self.client.registry().to_string(),
@@ -87,9 +86,9 @@ impl<'a> BlobReader<'a> {
             let skipped = io::copy(&mut (&mut body).take(skip), &mut io::sink())
                 .map_err(|e| self.client.unreachable(ureq::Error::Io(e)))?;
             if skipped < skip {
-                return Err(self.client.unreachable(ureq::Error::Io(
-                    io::ErrorKind::UnexpectedEof.into(),
-                )));
+                return Err(self
+                    .client
+                    .unreachable(ureq::Error::Io(io::ErrorKind::UnexpectedEof.into())));
             }
         }
         self.body = Some(body);
@@ -106,7 +105,12 @@ impl<'a> BlobReader<'a> {
                 self.resumes, self.offset, self.size
             )));
         }
-        tracing::info!(path = self.path, offset = self.offset, why, "resuming a blob download");
+        tracing::info!(
+            path = self.path,
+            offset = self.offset,
+            why,
+            "resuming a blob download"
+        );
         std::thread::sleep(Duration::from_millis(250 * u64::from(self.resumes)));
         Ok(())
     }

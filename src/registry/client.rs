@@ -61,7 +61,7 @@ pub(crate) struct Client {
 
 impl Client {
     /// Reaches `registry` (its API at `api_host`) and works out its scheme and authentication.
-    /// Plain HTTP is tried only when TLS is not verified (`loopback` registries by default).
+    /// Plain HTTP is allowed only when TLS is not verified (`loopback` registries by default).
     pub(crate) fn connect(
         registry: &str,
         api_host: &str,
@@ -82,32 +82,34 @@ impl Client {
             .tls_config(tls)
             .build()
             .new_agent();
-        let schemes: &[&str] = if verify {
-            &["https"]
-        } else {
-            &["https", "http"]
-        };
-        let mut last = None;
-        for scheme in schemes {
-            let client = Client {
-                agent: agent.clone(),
-                base: format!("{scheme}://{api_host}"),
-                registry: registry.to_string(),
-                creds: creds.clone(),
-                scope: scope.clone(),
-                auth: Mutex::new(None),
-            };
-            match client.handshake() {
-                Ok(()) => return Ok(client),
-                Err(e @ Error::Unreachable { .. }) => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Error::Unreachable {
+        let make = |scheme: &str| Client {
+            agent: agent.clone(),
+            base: format!("{scheme}://{api_host}"),
             registry: registry.to_string(),
-            reason: "no scheme to try".into(),
-            hint: "",
-        }))
+            creds: creds.clone(),
+            scope: scope.clone(),
+            auth: Mutex::new(None),
+        };
+        if verify {
+            let client = make("https");
+            client.handshake()?;
+            return Ok(client);
+        }
+        // Unverified: plain HTTP is asked first. A TLS server answers it at once with a 400
+        // (Go's, nginx's), while a plain one may never answer a TLS hello; nothing secret is
+        // in the first request, and credentials go only where the registry answered as one.
+        let plain = make("http");
+        let plain_failure = match plain.handshake() {
+            Ok(()) => return Ok(plain),
+            Err(e @ Error::Unauthorized { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        let tls = make("https");
+        match tls.handshake() {
+            Ok(()) => Ok(tls),
+            Err(Error::Unreachable { .. }) => Err(plain_failure),
+            Err(e) => Err(e),
+        }
     }
 
     /// The registry as the user named it.
@@ -171,9 +173,10 @@ impl Client {
         };
         match ch.scheme.as_str() {
             "basic" => {
-                let c = self.creds.as_ref().ok_or_else(|| {
-                    unauthorized("the registry needs a user name and password")
-                })?;
+                let c = self
+                    .creds
+                    .as_ref()
+                    .ok_or_else(|| unauthorized("the registry needs a user name and password"))?;
                 *self.lock_auth() = Some(c.basic());
                 Ok(())
             }
@@ -203,7 +206,9 @@ impl Client {
         {
             return Err(Error::Unauthorized {
                 registry: self.registry.clone(),
-                detail: format!("its token realm {realm} is not HTTPS: credentials are not sent there"),
+                detail: format!(
+                    "its token realm {realm} is not HTTPS: credentials are not sent there"
+                ),
             });
         }
         let mut query = Vec::new();
@@ -273,8 +278,7 @@ impl Client {
         headers: &[(&str, String)],
         payload: Payload<'_>,
     ) -> Result<Response<Body>, Error> {
-        let mut url = if path_or_url.starts_with("http://") || path_or_url.starts_with("https://")
-        {
+        let mut url = if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
             path_or_url.to_string()
         } else {
             format!("{}{path_or_url}", self.base)
@@ -401,6 +405,9 @@ impl Client {
         let hint = match &e {
             ureq::Error::Tls(_) | ureq::Error::Rustls(_) => {
                 ": if the registry uses its own CA, put its certificate in --cert-dir or /etc/containers/certs.d/HOST:PORT/ca.crt; for a registry without TLS pass --tls-verify=false"
+            }
+            ureq::Error::Io(io) if io.to_string().contains("certificate") => {
+                ": if the registry uses its own CA, put its certificate in --cert-dir or /etc/containers/certs.d/HOST:PORT/ca.crt"
             }
             ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
                 ": for a registry without TLS pass --tls-verify=false"
@@ -576,7 +583,10 @@ mod tests {
     #[test]
     fn locations_resolve_and_odd_ones_are_refused() {
         let cur = "https://r.io:5000/v2/a/blobs/sha256:x";
-        assert_eq!(resolve(cur, "/v2/b").as_deref(), Some("https://r.io:5000/v2/b"));
+        assert_eq!(
+            resolve(cur, "/v2/b").as_deref(),
+            Some("https://r.io:5000/v2/b")
+        );
         assert_eq!(
             resolve(cur, "http://s3/b?sig=1").as_deref(),
             Some("http://s3/b?sig=1")
@@ -588,7 +598,10 @@ mod tests {
 
     #[test]
     fn queries_encode_and_backoff_grows_to_a_cap() {
-        assert_eq!(encode("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+        assert_eq!(
+            encode("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
         assert_eq!(backoff(1), Duration::from_millis(500));
         assert_eq!(backoff(3), Duration::from_secs(2));
         assert_eq!(backoff(40), MAX_BACKOFF);

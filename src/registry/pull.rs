@@ -68,12 +68,8 @@ fn image_manifest(client: &Client, r: &Reference) -> Result<(Vec<u8>, Digest), E
     let entries: Vec<_> = index.manifests().iter().collect();
     let chosen = image::choose_platform(&r.to_string(), &entries)?;
     let chosen_digest = Digest::parse(chosen.digest().as_ref())?;
-    let (bytes, media_type, digest) = manifest(
-        client,
-        r,
-        chosen_digest.as_str(),
-        Some(&chosen_digest),
-    )?;
+    let (bytes, media_type, digest) =
+        manifest(client, r, chosen_digest.as_str(), Some(&chosen_digest))?;
     if INDEX_TYPES.contains(&media_type.as_str()) {
         return Err(Error::Unsupported(format!(
             "{r}: an index inside an index is not supported"
@@ -122,7 +118,14 @@ fn manifest(
         .get("mediaType")
         .and_then(|v| v.as_str())
         .map(str::to_string)
-        .unwrap_or_else(|| content_type.split(';').next().unwrap_or("").trim().to_string());
+        .unwrap_or_else(|| {
+            content_type
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        });
     let schema1 = json.get("schemaVersion").and_then(|v| v.as_u64()) == Some(1)
         || media_type.starts_with("application/vnd.docker.distribution.manifest.v1");
     if schema1 {

@@ -119,7 +119,10 @@ fn upload(
         reason: "the answer has no Location".into(),
     })?;
     let sep = if location.contains('?') { '&' } else { '?' };
-    let url = format!("{location}{sep}digest={}", blob.digest.as_str().replace(':', "%3A"));
+    let url = format!(
+        "{location}{sep}digest={}",
+        blob.digest.as_str().replace(':', "%3A")
+    );
     let put = client.request(
         &Method::PUT,
         &url,

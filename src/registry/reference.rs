@@ -41,7 +41,10 @@ impl Reference {
         let (name, digest) = match rest.split_once('@') {
             Some((n, d)) => (
                 n,
-                Some(Digest::parse(d).map_err(|_| bad("the digest must be sha256:<64 hex digits>"))?),
+                Some(
+                    Digest::parse(d)
+                        .map_err(|_| bad("the digest must be sha256:<64 hex digits>"))?,
+                ),
             ),
             None => (rest, None),
         };
@@ -71,7 +74,10 @@ impl Reference {
             _ => tag,
         };
         // The store's name rules are docker's: reuse them to check the repository and tag.
-        let probe = format!("{registry}/{repository}:{}", tag.as_deref().unwrap_or("latest"));
+        let probe = format!(
+            "{registry}/{repository}:{}",
+            tag.as_deref().unwrap_or("latest")
+        );
         normalize_name(&probe).map_err(|_| {
             bad("use lower-case letters, digits and . _ - in the repository; a tag of at most 128 of [A-Za-z0-9_.-]")
         })?;
@@ -107,9 +113,7 @@ impl Reference {
         let repo = format!("{}/{}", self.registry, self.repository);
         let name = match (&self.tag, &self.digest) {
             (Some(tag), _) => normalize_name(&format!("{repo}:{tag}")),
-            (None, Some(d)) => {
-                normalize_name(&format!("{repo}@{d}"))
-            }
+            (None, Some(d)) => normalize_name(&format!("{repo}@{d}")),
             (None, None) => normalize_name(&repo),
         };
         name.map_err(|e| Error::BadReference {
@@ -159,7 +163,10 @@ pub fn registry_host(s: &str) -> Result<(String, String), Error> {
         });
     }
     let registry = bare.to_ascii_lowercase();
-    if matches!(registry.as_str(), "docker.io" | "index.docker.io" | "registry-1.docker.io") {
+    if matches!(
+        registry.as_str(),
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    ) {
         return Ok((DOCKER_HUB.to_string(), DOCKER_HUB_API.to_string()));
     }
     Ok((registry.clone(), registry))

@@ -91,7 +91,11 @@ pub(crate) fn config(
 fn default_dirs(registry: &str) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".config/containers/certs.d").join(registry));
+        dirs.push(
+            PathBuf::from(home)
+                .join(".config/containers/certs.d")
+                .join(registry),
+        );
     }
     dirs.push(Path::new("/etc/containers/certs.d").join(registry));
     dirs.push(Path::new("/etc/docker/certs.d").join(registry));

@@ -42,9 +42,9 @@ pub struct Faults {
     /// Serve this blob (digest `"sha256:..."`) with its middle byte flipped (same length): a
     /// registry lying about a digest. Applies to Range requests covering that byte too.
     pub corrupt_blob: Option<String>,
-    /// (digest, bytes, times): the first `times` GETs without Range of this blob announce the
-    /// full Content-Length, send only `bytes` bytes of the body and then close the connection.
-    /// Later GETs and Range GETs are served normally.
+    /// (digest, bytes, times): the first `times` GETs of this blob (Range GETs too) announce
+    /// their full Content-Length, send only `bytes` bytes of the body and then close the
+    /// connection. Later GETs are served normally.
     pub drop_blob: Option<(String, u64, usize)>,
     /// The first `n` blob GETs (any blob) are answered 429 Too Many Requests, `Retry-After: 1`.
     pub too_many: usize,
@@ -380,8 +380,8 @@ impl State {
         }
         let mut stop = end;
         if let Some((d, bytes, _)) = &self.faults.drop_blob {
-            if d == digest && get && status == 200 && take_one(&self.drops_left) {
-                stop = (*bytes).min(total);
+            if d == digest && get && take_one(&self.drops_left) {
+                stop = start.saturating_add(*bytes).min(end);
             }
         }
         if file.seek(SeekFrom::Start(start)).is_err() {
