@@ -503,6 +503,33 @@ fn bearer_tokens_are_asked_for_the_scope_and_never_sent_to_blob_storage() {
                 .is_some_and(|a| a.starts_with("Bearer "))),
         "{reqs:#?}"
     );
+
+    // Tokens that expire after two requests: each expiry is answered with a fresh token.
+    let faults = Faults {
+        bearer: Some(("bob".into(), "hunter22".into())),
+        token_uses: 2,
+        ..Faults::default()
+    };
+    let reg = FakeRegistry::start(&demo_layout(), faults);
+    let image = format!("{}/team/app:latest", reg.address());
+    let o = mv_stdin(
+        &dir.0,
+        &["login", "-u", "bob", "--password-stdin", &reg.address()],
+        "hunter22\n",
+    );
+    ok(&o, "login");
+    let _ = fs::remove_dir_all(dir.0.join("store"));
+    ok(&mv(&dir.0, &["pull", &image]), "pull with expiring tokens");
+    let reqs = reg.requests();
+    let tokens = reqs
+        .iter()
+        .filter(|r| r.url.starts_with("/token") && r.status == 200)
+        .count();
+    assert!(
+        tokens >= 3,
+        "{tokens} tokens for 4 requests of 2 each: {reqs:#?}"
+    );
+    assert_eq!(store_files(&dir.0).0.len(), 2);
 }
 
 #[test]
@@ -731,4 +758,35 @@ fn bad_manifests_are_one_line_errors_before_any_layer_is_fetched() {
         "login a/b",
         &["HOST[:PORT]"],
     );
+}
+
+#[test]
+fn a_full_disk_during_pull_is_an_error_and_leaves_nothing_behind() {
+    let test = "a_full_disk_during_pull_is_an_error_and_leaves_nothing_behind";
+    let (dir, reg) = fake("registry-full", Faults::default());
+    let store = dir.0.join("store");
+    fs::create_dir_all(&store).unwrap();
+    // A store smaller than the image's biggest layer (busybox, about 1 MB compressed).
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=600k", "microvm-test-full"])
+        .arg(&store)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        skip(test, "cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&store);
+    let o = mv(&dir.0, &["pull", &format!("{}/x:latest", reg.address())]);
+    fails(&o, "full disk", &["No space left on device"]);
+    let (_, tmp) = store_files(&dir.0);
+    assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
+    let list = ok(&mv(&dir.0, &["images"]), "images");
+    assert_eq!(list.lines().count(), 1, "nothing named: {list}");
 }

@@ -127,8 +127,9 @@ fn valid_repository(r: &str) -> bool {
             i == 0 && parts.len() > 1 && (p.contains('.') || p.contains(':') || *p == "localhost");
         if host {
             !p.is_empty()
-                && p.bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':'))
+                && p.bytes().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']')
+                })
         } else {
             let b = p.as_bytes();
             !b.is_empty()

@@ -14,6 +14,7 @@ use tar::{EntryType, Header};
 use super::digest::{Digest, HashingReader};
 use super::error::{Error, IoContext};
 use super::layer_convert::detect_compression;
+use super::reference::split_name;
 use super::{Image, Store};
 
 /// Archive formats `save` writes.
@@ -107,15 +108,16 @@ impl Store {
             let size = std::fs::metadata(self.blob_path(&md))
                 .ctx(|| format!("reading {}", self.blob_path(&md).display()))?
                 .len();
-            let tag = image.name.rsplit_once(':').map_or("latest", |(_, t)| t);
+            // An image pulled by digest alone has no tag to name it by.
+            let mut annotations = json!({"io.containerd.image.name": image.name});
+            if let (_, Some(tag)) = split_name(&image.name) {
+                annotations["org.opencontainers.image.ref.name"] = tag.into();
+            }
             manifests.push(json!({
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": md.as_str(),
                 "size": size,
-                "annotations": {
-                    "org.opencontainers.image.ref.name": tag,
-                    "io.containerd.image.name": image.name,
-                },
+                "annotations": annotations,
             }));
         }
         let index = json!({"schemaVersion": 2, "manifests": manifests});
@@ -150,9 +152,13 @@ impl Store {
                 }
                 layers.push(path);
             }
+            let tags: Vec<&str> = match split_name(&image.name) {
+                (_, Some(_)) => vec![&image.name],
+                (_, None) => Vec::new(),
+            };
             entries.push(json!({
                 "Config": cfg_path,
-                "RepoTags": [image.name],
+                "RepoTags": tags,
                 "Layers": layers,
             }));
         }

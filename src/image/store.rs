@@ -464,7 +464,8 @@ impl Store {
             let (repo, tag) = split_name(&name);
             out.push(ImageSummary {
                 repository: repo.to_string(),
-                tag: tag.unwrap_or("latest").to_string(),
+                // `REPO@sha256:...`: pulled by digest alone, untagged as docker shows it.
+                tag: tag.unwrap_or("<none>").to_string(),
                 name: name.clone(),
                 id: cfg_digest.to_string(),
                 digest: digest.to_string(),

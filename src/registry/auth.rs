@@ -158,9 +158,17 @@ fn read_file(path: &Path) -> Result<Option<Map<String, Value>>, Error> {
 
 /// The stored credentials for `registry` (and `repository` on it), if any file has them.
 pub fn lookup(registry: &str, repository: Option<&str>) -> Result<Option<Credentials>, Error> {
+    lookup_in(&read_paths(), registry, repository)
+}
+
+fn lookup_in(
+    paths: &[PathBuf],
+    registry: &str,
+    repository: Option<&str>,
+) -> Result<Option<Credentials>, Error> {
     let keys = keys(registry, repository);
-    for path in read_paths() {
-        let Some(file) = read_file(&path)? else {
+    for path in paths {
+        let Some(file) = read_file(path)? else {
             continue;
         };
         let Some(auths) = file.get("auths").and_then(Value::as_object) else {
@@ -180,7 +188,12 @@ pub fn lookup(registry: &str, repository: Option<&str>) -> Result<Option<Credent
 /// entries; returns the file.
 pub fn store(registry: &str, creds: &Credentials) -> Result<PathBuf, Error> {
     let path = write_path()?;
-    let mut file = read_file(&path)?.unwrap_or_default();
+    store_in(&path, registry, creds)?;
+    Ok(path)
+}
+
+fn store_in(path: &Path, registry: &str, creds: &Credentials) -> Result<(), Error> {
+    let mut file = read_file(path)?.unwrap_or_default();
     let auths = file
         .entry("auths")
         .or_insert_with(|| Value::Object(Map::new()));
@@ -193,15 +206,18 @@ pub fn store(registry: &str, creds: &Credentials) -> Result<PathBuf, Error> {
     let raw = format!("{}:{}", creds.username, creds.password);
     let auth = base64::engine::general_purpose::STANDARD.encode(raw);
     auths.insert(registry.to_string(), serde_json::json!({ "auth": auth }));
-    write_file(&path, &file)?;
-    Ok(path)
+    write_file(path, &file)
 }
 
 /// Removes `registry`'s credentials from every file that has them; returns the files changed.
 pub fn remove(registry: &str) -> Result<Vec<PathBuf>, Error> {
+    remove_in(read_paths(), registry)
+}
+
+fn remove_in(paths: Vec<PathBuf>, registry: &str) -> Result<Vec<PathBuf>, Error> {
     let keys = keys(registry, None);
     let mut changed = Vec::new();
-    for path in read_paths() {
+    for path in paths {
         let Some(mut file) = read_file(&path)? else {
             continue;
         };
@@ -362,6 +378,50 @@ mod tests {
                 "http://localhost:5000"
             ]
         );
+    }
+
+    #[test]
+    fn files_keep_their_other_entries_and_stay_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("microvm-auth-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let podman = dir.join("containers/auth.json");
+        let docker = dir.join("docker/config.json");
+        fs::create_dir_all(docker.parent().unwrap()).unwrap();
+        fs::write(
+            &docker,
+            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"ZG9jOmh1Yg=="}},"credsStore":"x"}"#,
+        )
+        .unwrap();
+        let alice = Credentials {
+            username: "alice".into(),
+            password: "pw".into(),
+        };
+        store_in(&podman, "localhost:5000", &alice).unwrap();
+        assert_eq!(
+            fs::metadata(&podman).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let paths = vec![podman.clone(), docker.clone()];
+        let found = lookup_in(&paths, "localhost:5000", Some("a/b")).unwrap();
+        assert_eq!(found, Some(alice));
+        // docker's spelling of Docker Hub, from the second file.
+        let hub = lookup_in(&paths, "docker.io", Some("library/busybox")).unwrap();
+        assert_eq!(hub.map(|c| c.username), Some("doc".to_string()));
+        assert_eq!(lookup_in(&paths, "quay.io", None).unwrap(), None);
+
+        assert_eq!(
+            remove_in(paths.clone(), "docker.io").unwrap(),
+            vec![docker.clone()]
+        );
+        let left: Value = serde_json::from_slice(&fs::read(&docker).unwrap()).unwrap();
+        assert_eq!(left["credsStore"], "x", "other settings are kept");
+        assert!(remove_in(paths.clone(), "docker.io").unwrap().is_empty());
+
+        fs::write(&podman, "[1,2]").unwrap();
+        let e = lookup_in(&paths, "localhost:5000", None).unwrap_err();
+        assert!(e.to_string().contains("not a JSON object"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

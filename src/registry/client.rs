@@ -19,6 +19,8 @@ use super::{tls, Error};
 const MAX_ATTEMPTS: u32 = 5;
 /// Longest wait between attempts, whatever `Retry-After` says.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Fresh tokens asked for within one request before its 401 is final.
+const MAX_REAUTHENTICATIONS: u32 = 3;
 /// Redirect hops followed for one request.
 const MAX_REDIRECTS: usize = 5;
 /// Largest error body or token response read.
@@ -284,16 +286,18 @@ impl Client {
             format!("{}{path_or_url}", self.base)
         };
         let mut method = method.clone();
-        let mut reauthenticated = false;
+        // A token may expire (or, under parallel downloads, be replaced) between asking for
+        // it and using it: a few fresh ones are asked for before giving up.
+        let mut reauthentications = 0;
         let mut hops = 0;
         loop {
             let ours = same_origin(&url, &self.base);
             let auth = if ours { self.lock_auth().clone() } else { None };
             let resp = self.send_retrying(&method, &url, headers, auth, payload)?;
             let status = resp.status().as_u16();
-            if status == 401 && ours && !reauthenticated {
+            if status == 401 && ours && reauthentications < MAX_REAUTHENTICATIONS {
                 // A token expired, or this scope needs another one.
-                reauthenticated = true;
+                reauthentications += 1;
                 let challenge = challenge_of(&resp);
                 self.authenticate(challenge.as_ref())?;
                 continue;

@@ -11,7 +11,7 @@
 //! otherwise keep the connection open for the next request and the client would wait forever.
 //! The socket is found in `/proc/self/fd` by its addresses (Linux only).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -37,8 +37,11 @@ pub struct Faults {
     /// (scope only on repository URLs); `GET /token?service=..&scope=..` checks that the HTTP
     /// Basic credentials equal this (user, password) (401 otherwise, also without credentials)
     /// and returns `{"token": T, "expires_in": 300}`; requests with `Authorization: Bearer T`
-    /// pass. Tokens never expire.
+    /// pass. Tokens never expire unless `token_uses` says otherwise.
     pub bearer: Option<(String, String)>,
+    /// With `bearer`: each token authorises this many requests, then is refused with a new
+    /// challenge, as an expired token is (0: any number).
+    pub token_uses: usize,
     /// Serve this blob (digest `"sha256:..."`) with its middle byte flipped (same length): a
     /// registry lying about a digest. Applies to Range requests covering that byte too.
     pub corrupt_blob: Option<String>,
@@ -98,7 +101,8 @@ struct State {
     port: u16,
     blob_port: Option<u16>,
     log: Mutex<Vec<(Request, Arc<AtomicU64>)>>,
-    tokens: Mutex<HashSet<String>>,
+    /// Issued tokens and how many more requests each may authorise (`usize::MAX`: any).
+    tokens: Mutex<HashMap<String, usize>>,
     too_many_left: AtomicUsize,
     drops_left: AtomicUsize,
 }
@@ -265,8 +269,22 @@ impl State {
     }
 
     fn authorized(&self, rq: &tiny_http::Request) -> bool {
-        let token = credentials(rq, "Bearer ");
-        self.faults.bearer.is_none() || token.is_some_and(|t| lock(&self.tokens).contains(&t))
+        if self.faults.bearer.is_none() {
+            return true;
+        }
+        let Some(token) = credentials(rq, "Bearer ") else {
+            return false;
+        };
+        let mut tokens = lock(&self.tokens);
+        match tokens.get_mut(&token) {
+            Some(0) | None => false,
+            Some(left) => {
+                if *left != usize::MAX {
+                    *left -= 1; // an expiring token: the client must fetch another
+                }
+                true
+            }
+        }
     }
 
     fn token(&self, rq: &tiny_http::Request) -> Reply {
@@ -283,7 +301,11 @@ impl State {
         let now = SystemTime::now().duration_since(UNIX_EPOCH);
         let nanos = now.unwrap_or_default().as_nanos();
         let token = format!("fake-{}-{nanos:x}", tokens.len());
-        tokens.insert(token.clone());
+        let uses = match self.faults.token_uses {
+            0 => usize::MAX,
+            n => n,
+        };
+        tokens.insert(token.clone(), uses);
         let body = serde_json::json!({"token": token, "expires_in": 300});
         Reply::bytes(200, "application/json", body.to_string().into_bytes())
     }
