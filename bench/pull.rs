@@ -6,6 +6,11 @@
 //! - `skopeo copy docker://... oci:DIR` (download and store, no unpacking);
 //! - `podman pull` (download and unpack; vfs storage, this fleet's only podman driver).
 //!
+//! Then again over a link of BENCH_PULL_RATE (tc's spelling, default 400mbit: a fast
+//! registry link), a second docker-registry on the same storage in a network namespace behind
+//! a veth whose egress tbf limits: there the download, not the conversion, is the bound, and a
+//! pull that converts as bytes arrive should end about when the last byte does.
+//!
 //! Run: `cargo bench --bench pull` (BENCH_RUNS=N, default 5). Builds the image once into
 //! target/bench-images (about 1.5 minutes; needs debootstrap and deb.debian.org) unless
 //! BENCH_PYTHON_IMAGE names an OCI layout with a `latest` tag.
@@ -124,12 +129,12 @@ fn main() {
     while TcpStream::connect(&addr).is_err() {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let reference = format!("{addr}/bench/python:latest");
+    let pushed = format!("{addr}/bench/python:latest");
     run(
         Command::new("skopeo")
             .args(["copy", "--dest-tls-verify=false"])
             .arg(format!("oci:{}:latest", layout.display()))
-            .arg(format!("docker://{reference}")),
+            .arg(format!("docker://{pushed}")),
         "skopeo copy to the registry",
     );
     let digests = blobs(&layout);
@@ -147,15 +152,151 @@ fn main() {
         bytes as f64 / 1e6
     );
 
-    let (mut curl, mut pull, mut skopeo, mut podman) = (vec![], vec![], vec![], vec![]);
     let scratch = dir.0.join("scratch");
+    round(runs, &addr, &digests, &scratch, true, "loopback");
+
+    let rate = std::env::var("BENCH_PULL_RATE").unwrap_or_else(|_| "400mbit".into());
+    let Some(ns) = Netns::new(&rate) else {
+        eprintln!("SKIPPED the rate-limited round: cannot make a network namespace here");
+        return;
+    };
+    let slow_addr = format!("{}:5000", Netns::REGISTRY_IP);
+    let config = dir.0.join("registry-slow.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {slow_addr}\n",
+            dir.0.join("registry").display()
+        ),
+    )
+    .unwrap();
+    let _slow = Registry(
+        Command::new("ip")
+            .args(["netns", "exec", Netns::NAME, "docker-registry", "serve"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    while TcpStream::connect(&slow_addr).is_err() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    round(
+        runs,
+        &slow_addr,
+        &digests,
+        &scratch,
+        false,
+        &format!("over {rate}"),
+    );
+    drop(ns);
+}
+
+/// A network namespace holding the rate-limited registry, reached over a veth.
+struct Netns;
+
+impl Netns {
+    const NAME: &'static str = "mvbench-pull";
+    const REGISTRY_IP: &'static str = "10.231.7.2";
+
+    fn new(rate: &str) -> Option<Netns> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", Self::NAME])
+            .status();
+        let ns = Netns;
+        let steps: [&[&str]; 8] = [
+            &["ip", "netns", "add", Self::NAME],
+            &[
+                "ip",
+                "link",
+                "add",
+                "mvb-host",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "mvb-reg",
+                "netns",
+                Self::NAME,
+            ],
+            &["ip", "addr", "add", "10.231.7.1/30", "dev", "mvb-host"],
+            &["ip", "link", "set", "mvb-host", "up"],
+            &[
+                "ip",
+                "-n",
+                Self::NAME,
+                "addr",
+                "add",
+                "10.231.7.2/30",
+                "dev",
+                "mvb-reg",
+            ],
+            &["ip", "-n", Self::NAME, "link", "set", "mvb-reg", "up"],
+            &["ip", "-n", Self::NAME, "link", "set", "lo", "up"],
+            &[
+                "ip",
+                "netns",
+                "exec",
+                Self::NAME,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "mvb-reg",
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "512kb",
+                "latency",
+                "100ms",
+            ],
+        ];
+        for step in steps {
+            let ok = Command::new(step[0])
+                .args(&step[1..])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("{step:?} failed");
+                return None;
+            }
+        }
+        Some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", Self::NAME])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", "mvb-host"])
+            .status();
+    }
+}
+
+/// `runs` pulls of the image from the registry at `addr` by each tool, interleaved.
+fn round(
+    runs: usize,
+    addr: &str,
+    digests: &[String],
+    scratch: &Path,
+    with_podman: bool,
+    label: &str,
+) {
+    let reference = format!("{addr}/bench/python:latest");
+    let (mut curl, mut pull, mut skopeo, mut podman) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let _ = fs::remove_dir_all(&scratch);
         fs::create_dir_all(&scratch).unwrap();
         curl.push(timed(|| {
             let mut c = Command::new("curl");
             c.args(["-sSf", "--parallel", "--parallel-max", "3"]);
-            for d in &digests {
+            for d in digests {
                 c.arg("-o").arg(scratch.join(&d[7..]));
                 c.arg(format!("http://{addr}/v2/bench/python/blobs/{d}"));
             }
@@ -166,7 +307,7 @@ fn main() {
         pull.push(timed(|| {
             run(
                 Command::new(env!("CARGO_BIN_EXE_microvm"))
-                    .args(["pull", "-q", &reference])
+                    .args(["pull", "-q", "--tls-verify=false", &reference])
                     .env("MICROVM_ROOT", &store),
                 "microvm pull",
             )
@@ -187,6 +328,9 @@ fn main() {
             )
         }));
 
+        if !with_podman {
+            continue;
+        }
         let root = scratch.join("podman");
         podman.push(timed(|| {
             run(
@@ -210,9 +354,10 @@ fn main() {
             .status();
     }
     let ratio = median(pull.clone()) / median(curl.clone());
-    report("blobs downloaded alone (curl, 3 at a time)", curl);
-    report("microvm pull (download + verify + convert)", pull);
-    report("skopeo copy docker:// -> oci: (no unpacking)", skopeo);
-    report("podman pull (vfs)", podman);
-    println!("microvm pull / download alone: {ratio:.2}x (medians)");
+    println!("{label}:");
+    report("  blobs downloaded alone (curl, 3 at a time)", curl);
+    report("  microvm pull (download + verify + convert)", pull);
+    report("  skopeo copy docker:// -> oci: (no unpacking)", skopeo);
+    report("  podman pull (vfs)", podman);
+    println!("  microvm pull / download alone: {ratio:.2}x (medians)");
 }
