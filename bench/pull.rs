@@ -203,6 +203,7 @@ impl Netns {
     fn new(rate: &str) -> Option<Netns> {
         let _ = Command::new("ip")
             .args(["netns", "del", Self::NAME])
+            .stderr(Stdio::null())
             .status();
         let ns = Netns;
         let steps: [&[&str]; 8] = [
@@ -270,12 +271,13 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", Self::NAME])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", "mvb-host"])
-            .status();
+        // Deleting the namespace takes the veth pair with it; the second is for a half set-up.
+        for args in [
+            &["netns", "del", Self::NAME][..],
+            &["link", "del", "mvb-host"],
+        ] {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        }
     }
 }
 
