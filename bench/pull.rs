@@ -293,8 +293,8 @@ fn round(
     let reference = format!("{addr}/bench/python:latest");
     let (mut curl, mut pull, mut skopeo, mut podman) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        let _ = fs::remove_dir_all(&scratch);
-        fs::create_dir_all(&scratch).unwrap();
+        let _ = fs::remove_dir_all(scratch);
+        fs::create_dir_all(scratch).unwrap();
         curl.push(timed(|| {
             let mut c = Command::new("curl");
             c.args(["-sSf", "--parallel", "--parallel-max", "3"]);
