@@ -252,6 +252,7 @@ fn committed_images_go_through_docker_registry_and_run_again() {
     let list = ok(&mv(&b, &["images", "--format", "json"]), "images");
     assert_eq!(list.lines().count(), 2, "{list}");
     assert!(list.lines().all(|l| l.contains(&digest)), "{list}");
+    assert!(list.contains(r#""Tag":"<none>""#), "pinned, untagged: {list}");
     let (layers, tmp) = store_files(&b);
     assert_eq!(
         layers.len(),
@@ -632,6 +633,21 @@ fn busy_answers_are_retried_after_a_pause() {
         "{statuses:?}"
     );
     assert_eq!(store_files(&dir.0).0.len(), 2);
+
+    // A registry that stays busy: five tries, then its answer as the error.
+    let faults = Faults {
+        too_many: usize::MAX,
+        ..Faults::default()
+    };
+    let (dir, reg) = fake("registry-429-always", faults);
+    let o = mv(&dir.0, &["pull", &format!("{}/x:latest", reg.address())]);
+    fails(&o, "always busy", &["HTTP 429", "TOOMANYREQUESTS"]);
+    let config_tries = reg
+        .requests()
+        .iter()
+        .filter(|r| r.url.contains("/blobs/"))
+        .count();
+    assert_eq!(config_tries, 5, "the config's five tries, no layer asked for");
 }
 
 /// An index of `entries` ((os, arch, digest, size, media type)).
