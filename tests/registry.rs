@@ -42,6 +42,14 @@ fn mv_cmd(root: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// `microvm login -u USER --password-stdin FLAGS... REGISTRY` with `password` on stdin.
+fn login(root: &Path, flags: &[&str], user: &str, registry: &str, password: &str) -> Output {
+    let mut args = vec!["login", "-u", user, "--password-stdin"];
+    args.extend(flags);
+    args.push(registry);
+    mv_stdin(root, &args, &format!("{password}\n"))
+}
+
 /// Runs `args` with `input` on stdin.
 fn mv_stdin(root: &Path, args: &[&str], input: &str) -> Output {
     use std::io::Write;
@@ -252,7 +260,10 @@ fn committed_images_go_through_docker_registry_and_run_again() {
     let list = ok(&mv(&b, &["images", "--format", "json"]), "images");
     assert_eq!(list.lines().count(), 2, "{list}");
     assert!(list.lines().all(|l| l.contains(&digest)), "{list}");
-    assert!(list.contains(r#""Tag":"<none>""#), "pinned, untagged: {list}");
+    assert!(
+        list.contains(r#""Tag":"<none>""#),
+        "pinned, untagged: {list}"
+    );
     let (layers, tmp) = store_files(&b);
     assert_eq!(
         layers.len(),
@@ -353,11 +364,7 @@ fn tls_and_basic_auth_go_through_login() {
     let target = format!("{}/team/demo:1", reg.address);
 
     // Without our CA the certificate is unknown, and the message says where a CA goes.
-    let o = mv_stdin(
-        &a,
-        &["login", "-u", "alice", "--password-stdin", &reg.address],
-        "s3cret-pw\n",
-    );
+    let o = login(&a, &[], "alice", &reg.address, "s3cret-pw");
     fails(&o, "login without the CA", &["--cert-dir"]);
     // Without credentials, and with wrong ones, the registry refuses.
     let o = mv(&a, &["push", "--cert-dir", certs, "demo", &target]);
@@ -366,37 +373,19 @@ fn tls_and_basic_auth_go_through_login() {
         "push without login",
         &["authentication failed", "microvm login"],
     );
-    let o = mv_stdin(
-        &a,
-        &[
-            "login",
-            "-u",
-            "alice",
-            "--password-stdin",
-            "--cert-dir",
-            certs,
-            &reg.address,
-        ],
-        "wrong\n",
-    );
+    let o = login(&a, &["--cert-dir", certs], "alice", &reg.address, "wrong");
     fails(&o, "wrong password", &["refused the credentials"]);
     assert!(
         !a.join("auth.json").exists(),
         "a refused login stores nothing"
     );
 
-    let o = mv_stdin(
+    let o = login(
         &a,
-        &[
-            "login",
-            "-u",
-            "alice",
-            "--password-stdin",
-            "--cert-dir",
-            certs,
-            &reg.address,
-        ],
-        "s3cret-pw\n",
+        &["--cert-dir", certs],
+        "alice",
+        &reg.address,
+        "s3cret-pw",
     );
     assert_eq!(ok(&o, "login"), "Login Succeeded\n");
     let auth_file = a.join("auth.json");
@@ -456,17 +445,9 @@ fn bearer_tokens_are_asked_for_the_scope_and_never_sent_to_blob_storage() {
         "anonymous",
         &["authentication failed", "refused anonymous access"],
     );
-    let o = mv_stdin(
-        &dir.0,
-        &["login", "-u", "bob", "--password-stdin", &reg.address()],
-        "nope\n",
-    );
+    let o = login(&dir.0, &[], "bob", &reg.address(), "nope");
     fails(&o, "wrong password", &["refused the credentials"]);
-    let o = mv_stdin(
-        &dir.0,
-        &["login", "-u", "bob", "--password-stdin", &reg.address()],
-        "hunter22\n",
-    );
+    let o = login(&dir.0, &[], "bob", &reg.address(), "hunter22");
     ok(&o, "login");
     ok(&mv(&dir.0, &["pull", &image]), "pull");
     assert_eq!(store_files(&dir.0).0.len(), 2);
@@ -513,11 +494,7 @@ fn bearer_tokens_are_asked_for_the_scope_and_never_sent_to_blob_storage() {
     };
     let reg = FakeRegistry::start(&demo_layout(), faults);
     let image = format!("{}/team/app:latest", reg.address());
-    let o = mv_stdin(
-        &dir.0,
-        &["login", "-u", "bob", "--password-stdin", &reg.address()],
-        "hunter22\n",
-    );
+    let o = login(&dir.0, &[], "bob", &reg.address(), "hunter22");
     ok(&o, "login");
     let _ = fs::remove_dir_all(dir.0.join("store"));
     ok(&mv(&dir.0, &["pull", &image]), "pull with expiring tokens");
@@ -647,7 +624,10 @@ fn busy_answers_are_retried_after_a_pause() {
         .iter()
         .filter(|r| r.url.contains("/blobs/"))
         .count();
-    assert_eq!(config_tries, 5, "the config's five tries, no layer asked for");
+    assert_eq!(
+        config_tries, 5,
+        "the config's five tries, no layer asked for"
+    );
 }
 
 /// An index of `entries` ((os, arch, digest, size, media type)).

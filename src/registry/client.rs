@@ -12,7 +12,7 @@ use ureq::http::{self, Method, Response, StatusCode, Uri};
 use ureq::{Agent, Body};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
-use super::{tls, Error};
+use super::{tls, Error, Reference};
 
 /// How many times one request is sent when the registry answers 429 or 5xx, or the connection
 /// fails after the handshake worked.
@@ -112,6 +112,18 @@ impl Client {
             Err(Error::Unreachable { .. }) => Err(plain_failure),
             Err(e) => Err(e),
         }
+    }
+
+    /// Reaches the registry `r` names with the stored credentials for its repository, for
+    /// pulling (and pushing, with `push`).
+    pub(crate) fn for_reference(
+        r: &Reference,
+        push: bool,
+        opts: &Options,
+    ) -> Result<Client, Error> {
+        let creds = super::auth::lookup(&r.registry, Some(&r.repository))?;
+        let scope = Some(r.scope(push));
+        Client::connect(&r.registry, r.api_host(), r.loopback(), scope, creds, opts)
     }
 
     /// The registry as the user named it.

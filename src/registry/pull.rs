@@ -11,7 +11,7 @@ use ureq::http::Method;
 use super::blob::BlobReader;
 use super::client::{header, read_limited, Client, Options, Payload};
 use super::reference::Reference;
-use super::{auth, Error};
+use super::Error;
 use crate::image::{self, BlobRef, Digest, Image, Store, INDEX_TYPES, MANIFEST_TYPES};
 
 /// Layers downloaded at once (docker's default `max-concurrent-downloads`).
@@ -34,15 +34,7 @@ pub fn pull(
 ) -> Result<Image, Error> {
     let r = Reference::parse(reference)?;
     let name = r.stored_name()?;
-    let creds = auth::lookup(&r.registry, Some(&r.repository))?;
-    let client = Client::connect(
-        &r.registry,
-        r.api_host(),
-        r.loopback(),
-        Some(r.scope(false)),
-        creds,
-        opts,
-    )?;
+    let client = Client::for_reference(&r, false, opts)?;
     let (manifest, digest) = image_manifest(&client, &r)?;
     let (config_ref, layers) = store.check_fetched(&manifest, &digest)?;
     let config = small_blob(&client, &r, &config_ref, "config")?;

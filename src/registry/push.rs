@@ -6,7 +6,7 @@ use ureq::http::Method;
 
 use super::client::{header, Client, Options, Payload};
 use super::reference::Reference;
-use super::{auth, Error};
+use super::Error;
 use crate::image::{self, BlobRef, Digest, Store};
 
 /// What a push did.
@@ -40,15 +40,7 @@ pub fn push(
         });
     };
     let plan = store.push_plan(&img)?;
-    let creds = auth::lookup(&r.registry, Some(&r.repository))?;
-    let client = Client::connect(
-        &r.registry,
-        r.api_host(),
-        r.loopback(),
-        Some(r.scope(true)),
-        creds,
-        opts,
-    )?;
+    let client = Client::for_reference(&r, true, opts)?;
     let mut uploaded = 0;
     for (blob, path) in &plan.blobs {
         if upload(&client, &r, blob, path)? {
