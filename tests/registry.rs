@@ -271,6 +271,22 @@ fn committed_images_go_through_docker_registry_and_run_again() {
         "demo's two layers and the commit's: {layers:?}"
     );
     assert!(tmp.is_empty(), "{tmp:?}");
+    // Other spellings of the same references find the stored images without pulling.
+    for spelling in [format!("docker://{name}"), format!("{name}@{digest}")] {
+        let o = mv(
+            &b,
+            &[
+                "create",
+                "--pull",
+                "never",
+                "--hypervisor",
+                "qemu",
+                &spelling,
+                "true",
+            ],
+        );
+        ok(&o, &spelling);
+    }
     let mut args = vec!["run", "--rm", "--pull", "never"];
     args.extend(run);
     args.extend([pinned.as_str(), "cat /etc/pushed; cat /etc/app/new"]);

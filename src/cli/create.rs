@@ -121,7 +121,8 @@ fn image_for_run(
 /// interrupted while it downloads (it blocks its signals afterwards); [`make`] then finds it
 /// stored.
 pub fn pull_first(args: &mut CreateArgs) -> Result<(), String> {
-    if args.rootfs {
+    // Directories and transport references (oci:, archives) are never pulled: `make` loads them.
+    if args.rootfs || crate::image::reference::parse_transport(&args.image).is_some() {
         return Ok(());
     }
     let store = crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;

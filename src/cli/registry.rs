@@ -14,7 +14,13 @@ use crate::registry::{self, auth::Credentials, Options};
 pub struct RegistryArgs {
     /// Require HTTPS with a verified certificate (`--tls-verify=false` allows plain HTTP or
     /// unverified TLS) [default: true, except for localhost and 127.0.0.1].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
     pub tls_verify: Option<bool>,
     /// A directory with the registry's CA certificates (*.crt) and client certificate
     /// (NAME.cert + NAME.key) [default: /etc/containers/certs.d/HOST:PORT and

@@ -39,7 +39,7 @@ pub use error::Error;
 pub use layer_convert::{Compression, SQUASHFS_COMPRESSOR};
 pub(crate) use oci_layout::{choose_platform, INDEX_TYPES, MANIFEST_TYPES};
 pub(crate) use progress::{bar as progress_bar, short as short_digest};
-pub use pulled::{BlobRef, PushPlan, MAX_DOCUMENT};
+pub use pulled::{BlobRef, PushPlan, StoreHold, MAX_DOCUMENT};
 pub use save::SaveFormat;
 pub use store::{LayerLease, Store};
 

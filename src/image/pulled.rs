@@ -38,10 +38,24 @@ pub struct PushPlan {
     pub digest: Digest,
 }
 
+/// Keeps `prune` away while held: what a pull has stored but not named yet stays.
+#[derive(Debug)]
+pub struct StoreHold {
+    _lock: super::lock::FileLock,
+}
+
 /// Largest JSON document (manifest, index, config) a pull reads.
 pub const MAX_DOCUMENT: u64 = MAX_JSON;
 
 impl Store {
+    /// Holds the store for a pull: until the hold is dropped, `prune` waits, so layers stored
+    /// (or found stored) early in the pull are still there when the image is named.
+    pub fn hold(&self) -> Result<StoreHold, Error> {
+        Ok(StoreHold {
+            _lock: self.gc_lock(Mode::Shared)?,
+        })
+    }
+
     /// Checks a fetched image manifest and config as `load` does (media types, platform, layer
     /// count) and returns the config's and layers' descriptors.
     pub fn check_fetched(
@@ -141,7 +155,7 @@ impl Store {
             TempFile::create(self.blobs_dir().join(format!("{TMP_PREFIX}{}", unique())))?;
         let image_tmp = TempFile::create(layers_dir.join(format!("{stale}{}.sqfs", unique())))?;
         let mut tee = Tee {
-            source: source.take(layer.size + 1),
+            source: source.take(layer.size.saturating_add(1)),
             copy: HashingWriter::new(BufWriter::with_capacity(256 << 10, blob_tmp.file()?)),
             failed: None,
         };

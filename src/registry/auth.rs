@@ -254,16 +254,20 @@ fn write_file(path: &Path, content: &Map<String, Value>) -> Result<(), Error> {
         .mode(0o700)
         .create(dir)
         .map_err(err)?;
+    // A fresh file only (create_new: O_EXCL, which also refuses a symlink), under a name no
+    // one can guess ahead, so that a file planted beside it cannot receive the password.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{nanos:x}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::options()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         let mut bytes = serde_json::to_vec_pretty(content)?;

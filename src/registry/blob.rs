@@ -5,7 +5,7 @@
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ureq::http::Method;
 
@@ -15,6 +15,11 @@ use crate::image::BlobRef;
 
 /// Times one blob's download is resumed before the pull fails.
 pub(crate) const MAX_RESUMES: u32 = 5;
+/// A download slower than this many bytes in [`STALL_WINDOW`] is treated as broken off (and
+/// resumed): a registry trickling a byte a minute cannot hold a pull forever.
+const STALL_BYTES: u64 = 64 << 10;
+/// See [`STALL_BYTES`].
+const STALL_WINDOW: Duration = Duration::from_secs(120);
 
 /// The blob `blob` of `repository`, read from the registry.
 pub(crate) struct BlobReader<'a> {
@@ -25,6 +30,11 @@ pub(crate) struct BlobReader<'a> {
     body: Option<ureq::BodyReader<'static>>,
     resumes: u32,
     cancel: &'a AtomicBool,
+    /// The registry's own answer, when that is what stopped the download (the reader can only
+    /// return an `io::Error`).
+    error: Option<Error>,
+    /// Start of the current throughput window and the offset then.
+    window: (Instant, u64),
 }
 
 impl<'a> BlobReader<'a> {
@@ -43,7 +53,14 @@ impl<'a> BlobReader<'a> {
             body: None,
             resumes: 0,
             cancel,
+            error: None,
+            window: (Instant::now(), 0),
         }
+    }
+
+    /// The registry's answer that stopped the download, if that is what did.
+    pub(crate) fn take_error(&mut self) -> Option<Error> {
+        self.error.take()
     }
 
     /// How many times the download was resumed.
@@ -92,6 +109,7 @@ impl<'a> BlobReader<'a> {
             }
         }
         self.body = Some(body);
+        self.window = (Instant::now(), self.offset);
         Ok(())
     }
 
@@ -132,7 +150,11 @@ impl Read for BlobReader<'_> {
                         self.resume(e.to_string())?;
                         continue;
                     }
-                    Err(e) => return Err(io::Error::other(e.to_string())),
+                    Err(e) => {
+                        let io = io::Error::other(e.to_string());
+                        self.error = Some(e);
+                        return Err(io);
+                    }
                 }
             }
             let Some(body) = self.body.as_mut() else {
@@ -143,6 +165,22 @@ impl Read for BlobReader<'_> {
                 Ok(0) => self.resume("the connection closed early".into())?,
                 Ok(n) => {
                     self.offset += n as u64;
+                    let (since, at) = self.window;
+                    if since.elapsed() >= STALL_WINDOW {
+                        let slow = self.offset - at < STALL_BYTES;
+                        self.window = (Instant::now(), self.offset);
+                        if slow {
+                            // Keep what came; ask again for the rest on a new connection.
+                            self.body = None;
+                            self.resumes += 1;
+                            if self.resumes > MAX_RESUMES {
+                                return Err(io::Error::other(format!(
+                                    "the download stalled (under {STALL_BYTES} bytes in {STALL_WINDOW:?}) {} times",
+                                    self.resumes
+                                )));
+                            }
+                        }
+                    }
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

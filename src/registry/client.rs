@@ -23,6 +23,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_REAUTHENTICATIONS: u32 = 3;
 /// Redirect hops followed for one request.
 const MAX_REDIRECTS: usize = 5;
+/// Longest wait for one read or write on a connection.
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a small document (manifest, config, token, error) may take to arrive whole.
+const DOCUMENT_DEADLINE: Duration = Duration::from_secs(300);
 /// Largest error body or token response read.
 const MAX_SMALL_BODY: u64 = 256 << 10;
 
@@ -49,7 +53,14 @@ pub(crate) enum Payload<'a> {
 
 /// A connection to one registry, shared by the threads of one pull or push.
 pub(crate) struct Client {
+    /// For the registry's own origin: its TLS settings (certs.d CAs, client certificate,
+    /// verification off when allowed).
     agent: Agent,
+    /// For every other origin (token realms, blob storage): the system's CAs, verified, unless
+    /// the user turned verification off outright.
+    elsewhere: Agent,
+    /// `--tls-verify=false` was given.
+    insecure: bool,
     /// `https://HOST[:PORT]` or `http://...`.
     base: String,
     /// The registry as the user named it, for messages.
@@ -73,19 +84,17 @@ impl Client {
         opts: &Options,
     ) -> Result<Client, Error> {
         let verify = opts.tls_verify.unwrap_or(!loopback);
-        let tls = tls::config(registry, verify, opts.cert_dir.as_deref())?;
-        let agent: Agent = Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .user_agent(concat!("microvm/", env!("CARGO_PKG_VERSION")))
-            .timeout_connect(Some(Duration::from_secs(30)))
-            .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_per_read(Some(Duration::from_secs(120)))
-            .tls_config(tls)
-            .build()
-            .new_agent();
+        let insecure = opts.tls_verify == Some(false);
+        let agent = agent(tls::config(registry, verify, opts.cert_dir.as_deref())?);
+        let elsewhere = if insecure {
+            agent.clone()
+        } else {
+            self::agent(tls::system()?)
+        };
         let make = |scheme: &str| Client {
             agent: agent.clone(),
+            elsewhere: elsewhere.clone(),
+            insecure,
             base: format!("{scheme}://{api_host}"),
             registry: registry.to_string(),
             creds: creds.clone(),
@@ -97,19 +106,26 @@ impl Client {
             client.handshake()?;
             return Ok(client);
         }
-        // Unverified: plain HTTP is asked first. A TLS server answers it at once with a 400
-        // (Go's, nginx's), while a plain one may never answer a TLS hello; nothing secret is
-        // in the first request, and credentials go only where the registry answered as one.
-        let plain = make("http");
-        let plain_failure = match plain.handshake() {
-            Ok(()) => return Ok(plain),
+        // Unverified TLS first, then plain HTTP when the TLS handshake fails, as docker does
+        // for an insecure registry. On loopback the order is reversed: nothing leaves the
+        // host, and a plain server there (a test's, say) may never answer a TLS hello, while a
+        // TLS one answers plain HTTP at once with a 400 (Go's, nginx's).
+        let order = if loopback {
+            ["http", "https"]
+        } else {
+            ["https", "http"]
+        };
+        let first = make(order[0]);
+        let first_failure = match first.handshake() {
+            Ok(()) => return Ok(first),
             Err(e @ Error::Unauthorized { .. }) => return Err(e),
+            Err(e @ Error::Unreachable { .. }) if order[0] == "https" => return Err(e),
             Err(e) => e,
         };
-        let tls = make("https");
-        match tls.handshake() {
-            Ok(()) => Ok(tls),
-            Err(Error::Unreachable { .. }) => Err(plain_failure),
+        let second = make(order[1]);
+        match second.handshake() {
+            Ok(()) => Ok(second),
+            Err(Error::Unreachable { .. } | Error::TlsFailed { .. }) => Err(first_failure),
             Err(e) => Err(e),
         }
     }
@@ -214,9 +230,13 @@ impl Client {
             registry: self.registry.clone(),
             detail: format!("its token realm {realm:?} is not a URL"),
         })?;
+        let realm_loopback = realm_uri
+            .host()
+            .is_some_and(|h| matches!(h, "localhost" | "127.0.0.1" | "[::1]" | "::1"));
         if self.creds.is_some()
             && realm_uri.scheme_str() != Some("https")
-            && self.base.starts_with("https:")
+            && !realm_loopback
+            && !self.insecure
         {
             return Err(Error::Unauthorized {
                 registry: self.registry.clone(),
@@ -292,12 +312,10 @@ impl Client {
         headers: &[(&str, String)],
         payload: Payload<'_>,
     ) -> Result<Response<Body>, Error> {
-        let mut url = if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
-            path_or_url.to_string()
-        } else {
-            format!("{}{path_or_url}", self.base)
-        };
+        let mut url = self.url(path_or_url)?;
         let mut method = method.clone();
+        let mut headers = headers;
+        let mut payload = payload;
         // A token may expire (or, under parallel downloads, be replaced) between asking for
         // it and using it: a few fresh ones are asked for before giving up.
         let mut reauthentications = 0;
@@ -315,9 +333,14 @@ impl Client {
                 continue;
             }
             if status == 401 {
+                let why = if self.creds.is_some() {
+                    ""
+                } else {
+                    ": the repository does not exist, or it needs a login"
+                };
                 return Err(Error::Unauthorized {
                     registry: self.registry.clone(),
-                    detail: format!("{method} {} was refused", strip_query(&url)),
+                    detail: format!("{method} {} was refused{why}", strip_query(&url)),
                 });
             }
             if matches!(status, 301 | 302 | 303 | 307 | 308) {
@@ -337,13 +360,34 @@ impl Client {
                     what: format!("{method} {}", strip_query(&url)),
                     reason: format!("redirect to an unusable location {location:?}"),
                 })?;
-                if status == 303 {
+                if status == 303 || (matches!(status, 301 | 302) && method == Method::POST) {
+                    // The answer is elsewhere, to be fetched: no body, no body headers.
                     method = Method::GET;
+                    payload = Payload::Empty;
+                    headers = &[];
                 }
                 continue;
             }
             return Ok(resp);
         }
+    }
+
+    /// `target` as a URL: absolute, or resolved against the registry's base (`/v2/...`).
+    pub(crate) fn url(&self, target: &str) -> Result<String, Error> {
+        resolve(&format!("{}/", self.base), target).ok_or_else(|| Error::Protocol {
+            registry: self.registry.clone(),
+            what: "a URL it gave".into(),
+            reason: format!("{:?} is not an http(s) URL", strip_query(target)),
+        })
+    }
+
+    /// `location` (an answer's `Location`) resolved against the URL `from` was sent to.
+    pub(crate) fn resolve_from(&self, from: &str, location: &str) -> Result<String, Error> {
+        resolve(&self.url(from)?, location).ok_or_else(|| Error::Protocol {
+            registry: self.registry.clone(),
+            what: "a Location it gave".into(),
+            reason: format!("{:?} is not an http(s) URL", strip_query(location)),
+        })
     }
 
     /// One request, sent again (with backoff) on 429, 5xx and broken connections.
@@ -402,15 +446,20 @@ impl Client {
             what: format!("{method} {}", strip_query(url)),
             reason: e.to_string(),
         };
+        let agent = if same_origin(url, &self.base) {
+            &self.agent
+        } else {
+            &self.elsewhere
+        };
         let result = match payload {
-            Payload::Empty => self.agent.run(b.body(()).map_err(bad)?),
-            Payload::Bytes(bytes) => self.agent.run(b.body(bytes).map_err(bad)?),
+            Payload::Empty => agent.run(b.body(()).map_err(bad)?),
+            Payload::Bytes(bytes) => agent.run(b.body(bytes).map_err(bad)?),
             Payload::File(path) => {
                 let file = std::fs::File::open(path).map_err(|e| Error::Local {
                     what: format!("opening {}", path.display()),
                     source: e,
                 })?;
-                self.agent.run(b.body(file).map_err(bad)?)
+                agent.run(b.body(file).map_err(bad)?)
             }
         };
         result.map_err(|e| self.unreachable(e))
@@ -418,21 +467,32 @@ impl Client {
 
     /// A transport failure as our error, with a hint where one helps.
     pub(crate) fn unreachable(&self, e: ureq::Error) -> Error {
-        let hint = match &e {
-            ureq::Error::Tls(_) | ureq::Error::Rustls(_) => {
-                ": if the registry uses its own CA, put its certificate in --cert-dir or /etc/containers/certs.d/HOST:PORT/ca.crt; for a registry without TLS pass --tls-verify=false"
+        let text = e.to_string();
+        let tls = match &e {
+            ureq::Error::Tls(_) | ureq::Error::Rustls(_) => true,
+            ureq::Error::Io(io) => {
+                io.kind() == std::io::ErrorKind::InvalidData
+                    && ["certificate", "peer", "message"]
+                        .iter()
+                        .any(|w| text.contains(w))
             }
-            ureq::Error::Io(io) if io.to_string().contains("certificate") => {
-                ": if the registry uses its own CA, put its certificate in --cert-dir or /etc/containers/certs.d/HOST:PORT/ca.crt"
-            }
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
-                ": for a registry without TLS pass --tls-verify=false"
-            }
-            _ => "",
+            _ => false,
         };
-        Error::Unreachable {
+        if !tls {
+            return Error::Unreachable {
+                registry: self.registry.clone(),
+                reason: text,
+                hint: "",
+            };
+        }
+        let hint = if text.contains("certificate") {
+            ": if the registry uses its own CA, put its certificate in --cert-dir or /etc/containers/certs.d/HOST:PORT/ca.crt"
+        } else {
+            ": for a registry without TLS pass --tls-verify=false"
+        };
+        Error::TlsFailed {
             registry: self.registry.clone(),
-            reason: e.to_string(),
+            reason: text,
             hint,
         }
     }
@@ -462,7 +522,12 @@ impl Client {
             .map(|e| {
                 let code = e.code.unwrap_or_default();
                 let message = e.message.unwrap_or_default();
-                let text: String = format!("{message} ({code})").chars().take(300).collect();
+                // A hostile registry's text must not drive the user's terminal.
+                let text: String = format!("{message} ({code})")
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(300)
+                    .collect();
                 text
             })
             .unwrap_or_else(|| {
@@ -478,6 +543,24 @@ impl Client {
             detail,
         }
     }
+}
+
+/// An HTTP agent with `tls`: redirects are ours to follow, statuses ours to judge, and no
+/// phase may hang: connecting, sending and each read or write are bounded (a trickling server is
+/// caught by the callers' deadlines and throughput checks).
+fn agent(tls: ureq::tls::TlsConfig) -> Agent {
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .user_agent(concat!("microvm/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_send_request(Some(Duration::from_secs(60)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        .timeout_per_read(Some(IO_TIMEOUT))
+        .timeout_per_write(Some(IO_TIMEOUT))
+        .tls_config(tls)
+        .build()
+        .new_agent()
 }
 
 /// The first challenge in the answer's `WWW-Authenticate` header.
@@ -535,22 +618,32 @@ fn same_origin(url: &str, base: &str) -> bool {
     }
 }
 
-/// A `Location` resolved against the URL that answered with it: absolute URLs (http or https
-/// only) as they are, `/path` on the same origin.
+/// A reference (RFC 3986: absolute, `//host/...`, `/path` or a relative path) resolved against
+/// the URL `current`; only http and https URLs come out.
 fn resolve(current: &str, location: &str) -> Option<String> {
-    if location.starts_with("https://") || location.starts_with("http://") {
-        location.parse::<Uri>().ok()?;
-        return Some(location.to_string());
-    }
-    if location.starts_with('/') && !location.starts_with("//") {
-        let uri: Uri = current.parse().ok()?;
-        return Some(format!(
-            "{}://{}{location}",
-            uri.scheme_str()?,
-            uri.authority()?.as_str()
-        ));
-    }
-    None
+    let cur: Uri = current.parse().ok()?;
+    let scheme = cur.scheme_str()?;
+    let out = if location.starts_with("https://") || location.starts_with("http://") {
+        location.to_string()
+    } else if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{}{location}", cur.authority()?.as_str())
+    } else if location.is_empty()
+        || location
+            .split('/')
+            .next()
+            .is_some_and(|first| first.contains(':'))
+    {
+        return None; // another scheme (file:, data:, ...), or nothing
+    } else {
+        let path = cur.path();
+        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        let dir = if dir.is_empty() { "/" } else { dir };
+        format!("{scheme}://{}{dir}{location}", cur.authority()?.as_str())
+    };
+    let parsed: Uri = out.parse().ok()?;
+    matches!(parsed.scheme_str(), Some("http" | "https")).then_some(out)
 }
 
 /// Reads a small body whole, refusing one larger than `limit`.
@@ -561,15 +654,31 @@ pub(crate) fn read_limited(
     what: &str,
 ) -> Result<Vec<u8>, Error> {
     let mut buf = Vec::new();
-    resp.into_body()
-        .into_reader()
-        .take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| Error::Unreachable {
-            registry: client.registry.clone(),
-            reason: format!("reading {what}: {e}"),
-            hint: "",
-        })?;
+    let mut body = resp.into_body().into_reader().take(limit + 1);
+    let start = std::time::Instant::now();
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        let n = match body.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::Unreachable {
+                    registry: client.registry.clone(),
+                    reason: format!("reading {what}: {e}"),
+                    hint: "",
+                })
+            }
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if start.elapsed() > DOCUMENT_DEADLINE {
+            return Err(Error::Unreachable {
+                registry: client.registry.clone(),
+                reason: format!("{what} took more than {DOCUMENT_DEADLINE:?} to arrive"),
+                hint: "",
+            });
+        }
+    }
     if buf.len() as u64 > limit {
         return Err(Error::Protocol {
             registry: client.registry.clone(),
@@ -607,9 +716,18 @@ mod tests {
             resolve(cur, "http://s3/b?sig=1").as_deref(),
             Some("http://s3/b?sig=1")
         );
-        assert_eq!(resolve(cur, "//evil/x"), None);
+        assert_eq!(resolve(cur, "//s3/x").as_deref(), Some("https://s3/x"));
+        assert_eq!(
+            resolve("https://r.io/v2/a/blobs/uploads/", "u1?_state=x").as_deref(),
+            Some("https://r.io/v2/a/blobs/uploads/u1?_state=x")
+        );
+        assert_eq!(
+            resolve("https://r.io/", "v2/x").as_deref(),
+            Some("https://r.io/v2/x")
+        );
         assert_eq!(resolve(cur, "file:///etc/passwd"), None);
-        assert_eq!(resolve(cur, "relative"), None);
+        assert_eq!(resolve(cur, "javascript:alert(1)"), None);
+        assert_eq!(resolve(cur, ""), None);
     }
 
     #[test]

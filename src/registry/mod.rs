@@ -48,6 +48,16 @@ pub enum Error {
         /// What to try.
         hint: &'static str,
     },
+    /// TLS failed: an unknown certificate, or no TLS on the other end.
+    #[error("cannot reach registry {registry}: {reason}{hint}")]
+    TlsFailed {
+        /// The registry.
+        registry: String,
+        /// What failed.
+        reason: String,
+        /// What to try.
+        hint: &'static str,
+    },
     /// The registry (or its token service) refused us.
     #[error("registry {registry}: authentication failed: {detail}; log in with `microvm login {registry}`")]
     Unauthorized {

@@ -3,6 +3,23 @@
 use super::{pull, Error, Options, Reference};
 use crate::image::{self, reference::parse_transport, Image, Store};
 
+/// The stored image `name` names: as the store resolves it (names, IDs), else under the name a
+/// pull of it would have stored (`docker://busybox`, `busybox:1.36@sha256:...`).
+fn find(store: &Store, name: &str) -> Result<Image, image::Error> {
+    match store.resolve(name) {
+        Err(image::Error::NotFound(n)) => {
+            match Reference::parse(name).and_then(|r| r.stored_name()) {
+                Ok(stored) if stored != name => store.resolve(&stored).map_err(|e| match e {
+                    image::Error::NotFound(_) => image::Error::NotFound(n),
+                    e => e,
+                }),
+                _ => Err(image::Error::NotFound(n)),
+            }
+        }
+        other => other,
+    }
+}
+
 /// When `run` and `create` pull the image (docker's `--pull`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PullPolicy {
@@ -30,9 +47,9 @@ pub fn image_for_run(
         return Ok(store.resolve(name)?);
     }
     match policy {
-        PullPolicy::Never => Ok(store.resolve(name)?),
+        PullPolicy::Never => Ok(find(store, name)?),
         PullPolicy::Always => pull(store, name, opts, progress),
-        PullPolicy::Missing => match store.resolve(name) {
+        PullPolicy::Missing => match find(store, name) {
             Err(image::Error::NotFound(n)) => {
                 if Reference::parse(name).is_err() {
                     return Err(image::Error::NotFound(n).into());

@@ -35,6 +35,7 @@ pub fn pull(
     let r = Reference::parse(reference)?;
     let name = r.stored_name()?;
     let client = Client::for_reference(&r, false, opts)?;
+    let _hold = store.hold()?;
     let (manifest, digest) = image_manifest(&client, &r)?;
     let (config_ref, layers) = store.check_fetched(&manifest, &digest)?;
     let config = small_blob(&client, &r, &config_ref, "config")?;
@@ -158,11 +159,13 @@ fn small_blob(
     let never = AtomicBool::new(false);
     let mut reader = BlobReader::new(client, &r.repository, blob, &never);
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| Error::Unreachable {
-        registry: client.registry().to_string(),
-        reason: format!("reading {what} {}: {e}", blob.digest),
-        hint: "",
-    })?;
+    if let Err(e) = std::io::Read::read_to_end(&mut reader, &mut bytes) {
+        return Err(reader.take_error().unwrap_or_else(|| Error::Unreachable {
+            registry: client.registry().to_string(),
+            reason: format!("reading {what} {}: {e}", blob.digest),
+            hint: "",
+        }));
+    }
     if bytes.len() as u64 != blob.size || Digest::of(&bytes) != blob.digest {
         return Err(Error::Image(image::Error::DigestMismatch {
             digest: blob.digest.to_string(),
@@ -208,13 +211,18 @@ fn fetch_layers(
                 let mut reader = BlobReader::new(client, &r.repository, layer, &cancel);
                 let result = store.put_layer(&mut reader, layer, &bar);
                 bar.finish_and_clear();
+                // The registry's own answer, if that is what stopped it, said as itself.
+                let result = match (result, reader.take_error()) {
+                    (Err(_), Some(registry_error)) => Err(registry_error),
+                    (r, _) => r.map_err(Error::Image),
+                };
                 if reader.resumes() > 0 {
                     tracing::info!(layer = %layer.digest, resumes = reader.resumes(), "download resumed");
                 }
                 if let Err(e) = result {
                     let mut first = failure.lock().unwrap_or_else(|p| p.into_inner());
                     if first.is_none() {
-                        *first = Some(Error::Image(e));
+                        *first = Some(e);
                     }
                     cancel.store(true, Ordering::Relaxed);
                     break;

@@ -96,9 +96,10 @@ fn upload(
         404 => {}
         _ => return Err(client.status_error(head, &format!("checking blob {short}"))),
     }
+    let uploads = format!("/v2/{}/blobs/uploads/", r.repository);
     let start = client.request(
         &Method::POST,
-        &format!("/v2/{}/blobs/uploads/", r.repository),
+        &uploads,
         &[("content-length", "0".to_string())],
         Payload::Empty,
     )?;
@@ -110,6 +111,7 @@ fn upload(
         what: format!("starting the upload of blob {short}"),
         reason: "the answer has no Location".into(),
     })?;
+    let location = client.resolve_from(&uploads, &location)?;
     let sep = if location.contains('?') { '&' } else { '?' };
     let url = format!(
         "{location}{sep}digest={}",

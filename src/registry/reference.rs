@@ -10,6 +10,8 @@ use crate::image::Digest;
 
 /// The registry an unqualified name lives on.
 pub const DOCKER_HUB: &str = "docker.io";
+/// Other names of Docker Hub.
+const HUB_ALIASES: &[&str] = &["index.docker.io", "registry-1.docker.io"];
 /// The host docker.io's API is served from.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
@@ -56,10 +58,15 @@ impl Reference {
             }
             _ => (DOCKER_HUB.to_string(), name),
         };
-        if registry.chars().any(|c| c.is_ascii_uppercase()) && registry != DOCKER_HUB {
-            // Host names are case-insensitive; keep the store's names in one spelling.
-            return Err(bad("write the registry's host name in lower case"));
+        if !valid_registry(&registry) {
+            return Err(bad("the registry must be HOST or HOST:PORT, in lower case"));
         }
+        // Docker Hub under its other names is Docker Hub: same credentials, library/ implied.
+        let registry = if HUB_ALIASES.contains(&registry.as_str()) {
+            DOCKER_HUB.to_string()
+        } else {
+            registry
+        };
         let (path, tag) = match path.rsplit_once(':') {
             Some((p, t)) if !t.contains('/') => (p, Some(t.to_string())),
             _ => (path, None),
@@ -111,9 +118,11 @@ impl Reference {
     /// `localhost:5000/demo:1`, or `REPO@sha256:...` when pulled by digest alone.
     pub fn stored_name(&self) -> Result<String, Error> {
         let repo = format!("{}/{}", self.registry, self.repository);
+        // A digest pins the content: the name says so, and a tag beside it is dropped, as
+        // docker does (a local `busybox:1.36` is not retagged to what the digest names).
         let name = match (&self.tag, &self.digest) {
-            (Some(tag), _) => normalize_name(&format!("{repo}:{tag}")),
-            (None, Some(d)) => normalize_name(&format!("{repo}@{d}")),
+            (_, Some(d)) => normalize_name(&format!("{repo}@{d}")),
+            (Some(tag), None) => normalize_name(&format!("{repo}:{tag}")),
             (None, None) => normalize_name(&repo),
         };
         name.map_err(|e| Error::BadReference {
@@ -163,13 +172,63 @@ pub fn registry_host(s: &str) -> Result<(String, String), Error> {
         });
     }
     let registry = bare.to_ascii_lowercase();
-    if matches!(
-        registry.as_str(),
-        "docker.io" | "index.docker.io" | "registry-1.docker.io"
-    ) {
+    if !valid_registry(&registry) {
+        return Err(Error::BadReference {
+            reference: s.chars().take(200).collect(),
+            why: "name a registry as HOST[:PORT], e.g. localhost:5000 or docker.io".into(),
+        });
+    }
+    if registry == DOCKER_HUB || HUB_ALIASES.contains(&registry.as_str()) {
         return Ok((DOCKER_HUB.to_string(), DOCKER_HUB_API.to_string()));
     }
     Ok((registry.clone(), registry))
+}
+
+/// `HOST` or `HOST:PORT`: a lower-case DNS name or IPv4 address, or an IPv6 address in
+/// brackets; a port of 1 to 65535.
+fn valid_registry(s: &str) -> bool {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if inside.is_empty()
+            || !inside
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
+        {
+            return false;
+        }
+        match after {
+            "" => (inside, None),
+            p => match p.strip_prefix(':') {
+                Some(p) => (inside, Some(p)),
+                None => return false,
+            },
+        }
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let host_ok = s.starts_with('[')
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            }));
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|c| c.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
+    });
+    host_ok && port_ok
 }
 
 /// `host:port` -> `host` (`[::1]:5000` -> `[::1]`).
@@ -226,6 +285,12 @@ mod tests {
 
         let r = Reference::parse("quay.io/x/y").unwrap();
         assert!(!r.loopback());
+        let r = Reference::parse("index.docker.io/busybox").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "library/busybox")
+        );
+        assert_eq!(r.stored_name().unwrap(), "busybox:latest");
         let r = Reference::parse("[::1]:5000/y:t").unwrap();
         assert_eq!(r.registry, "[::1]:5000");
         assert!(r.loopback());
@@ -239,7 +304,7 @@ mod tests {
         assert_eq!(r.stored_name().unwrap(), format!("127.0.0.1:5000/demo@{D}"));
         let r = Reference::parse(&format!("busybox:1.36@{D}")).unwrap();
         assert_eq!(r.manifest_ref(), D);
-        assert_eq!(r.stored_name().unwrap(), "busybox:1.36");
+        assert_eq!(r.stored_name().unwrap(), format!("busybox@{D}"));
         let r = Reference::parse(&format!("busybox@{D}")).unwrap();
         assert_eq!(r.stored_name().unwrap(), format!("busybox@{D}"));
     }
@@ -269,6 +334,11 @@ mod tests {
             "LOCALHOST:5000/x",
             "busybox:bad tag",
             "/abs",
+            "[::1]evil.com:5000/x",
+            "a..b:5000/x",
+            "host:99999/x",
+            "host:1:2/x",
+            "-bad.io/x",
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} accepted");
         }

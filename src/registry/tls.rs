@@ -17,27 +17,35 @@ const MAX_PEM: u64 = 1 << 20;
 
 /// The TLS configuration for `registry`: verified against the system's CAs and the registry's
 /// own (from `cert_dir`, else the standard certs.d directories), or not verified at all when
-/// `verify` is false.
+/// `verify` is false; a client certificate found there is offered.
 pub(crate) fn config(
     registry: &str,
     verify: bool,
     cert_dir: Option<&Path>,
 ) -> Result<TlsConfig, Error> {
-    let dirs: Vec<PathBuf> = match cert_dir {
-        Some(d) => {
-            if !d.is_dir() {
-                return Err(Error::Tls(format!(
-                    "--cert-dir {}: not a directory",
-                    d.display()
-                )));
-            }
-            vec![d.to_path_buf()]
+    let dirs = match cert_dir {
+        Some(d) if !d.is_dir() => {
+            return Err(Error::Tls(format!(
+                "--cert-dir {}: not a directory",
+                d.display()
+            )))
         }
+        Some(d) => vec![d.to_path_buf()],
         None => default_dirs(registry),
     };
+    build(&dirs, verify)
+}
+
+/// Verified TLS against the system's CAs alone: for hosts other than the registry (token
+/// services, blob storage), which its certs.d directory does not vouch for.
+pub(crate) fn system() -> Result<TlsConfig, Error> {
+    build(&[], true)
+}
+
+fn build(dirs: &[PathBuf], verify: bool) -> Result<TlsConfig, Error> {
     let mut cas = Vec::new();
     let mut client = None;
-    for dir in &dirs {
+    for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
