@@ -277,7 +277,7 @@ fn run_tar2sqfs_with(
 
 fn spawn(tool: &Path, tmp: &Path) -> Result<Child, Error> {
     let mut cmd = Command::new(tool);
-    cmd.args(["--quiet", "--no-skip", "--force"])
+    cmd.args(["--quiet", "--no-skip", "--force", "--num-jobs", &jobs()])
         .args(SQUASHFS_COMPRESSOR)
         .arg(tmp)
         .stdin(Stdio::piped())
@@ -304,6 +304,15 @@ fn spawn(tool: &Path, tmp: &Path) -> Result<Child, Error> {
             Error::io(format!("starting {}", tool.display()), e)
         }
     })
+}
+
+/// tar2sqfs's compressor threads: one per CPU (its default is one in all), so that compressing
+/// keeps up with our inflating and rewriting the layer on another core.
+fn jobs() -> String {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .to_string()
 }
 
 fn keep_tail(mut r: impl Read) -> String {
