@@ -89,8 +89,8 @@ pub struct CreateArgs {
     /// How to reach the registry, when pulling.
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// IMAGE: a stored name or a transport reference such as oci:DIR:TAG (or, with --rootfs, a
-    /// directory).
+    /// IMAGE: a stored name, a registry reference (pulled when missing, as --pull says), or a
+    /// transport reference such as oci:DIR:TAG (or, with --rootfs, a directory).
     #[arg(value_name = "IMAGE")]
     pub image: String,
     /// The command and its arguments (replacing the image's Cmd).

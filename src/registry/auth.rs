@@ -167,10 +167,19 @@ fn lookup_in(
     repository: Option<&str>,
 ) -> Result<Option<Credentials>, Error> {
     let keys = keys(registry, repository);
+    let mut helper = None;
     for path in paths {
         let Some(file) = read_file(path)? else {
             continue;
         };
+        let helpers = file.get("credHelpers").and_then(Value::as_object);
+        if file.get("credsStore").is_some()
+            || keys
+                .iter()
+                .any(|k| helpers.is_some_and(|h| h.contains_key(k)))
+        {
+            helper.get_or_insert_with(|| path.clone());
+        }
         let Some(auths) = file.get("auths").and_then(Value::as_object) else {
             continue;
         };
@@ -180,6 +189,13 @@ fn lookup_in(
                 return Ok(Some(c));
             }
         }
+    }
+    if let Some(path) = helper {
+        // Helpers are programs handed the secret; microvm runs none, so it says so.
+        tracing::warn!(
+            "{} names a credential helper, which microvm does not run: `microvm login {registry}` stores the credentials it can use",
+            path.display()
+        );
     }
     Ok(None)
 }
