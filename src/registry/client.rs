@@ -12,6 +12,7 @@ use ureq::http::{self, Method, Response, StatusCode, Uri};
 use ureq::{Agent, Body};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
+use super::url::{encode, resolve, same_origin, strip_query};
 use super::{tls, Error, Reference};
 
 /// How many times one request is sent when the registry answers 429 or 5xx, or the connection
@@ -581,71 +582,6 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500u64 << attempt.saturating_sub(1).min(6)).min(MAX_BACKOFF)
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// A URL without its query (which may hold a storage service's signature), for messages.
-pub(crate) fn strip_query(url: &str) -> &str {
-    url.split('?').next().unwrap_or(url)
-}
-
-/// Scheme, host and port of a URL, lower-cased, the port made explicit.
-fn origin(url: &str) -> Option<(String, String, u16)> {
-    let uri: Uri = url.parse().ok()?;
-    let scheme = uri.scheme_str()?.to_ascii_lowercase();
-    let host = uri.host()?.to_ascii_lowercase();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
-    Some((scheme, host, port))
-}
-
-/// Whether `url` is on the registry's own origin: only there do credentials go.
-fn same_origin(url: &str, base: &str) -> bool {
-    match (origin(url), origin(base)) {
-        (Some(a), Some(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// A reference (RFC 3986: absolute, `//host/...`, `/path` or a relative path) resolved against
-/// the URL `current`; only http and https URLs come out.
-fn resolve(current: &str, location: &str) -> Option<String> {
-    let cur: Uri = current.parse().ok()?;
-    let scheme = cur.scheme_str()?;
-    let out = if location.starts_with("https://") || location.starts_with("http://") {
-        location.to_string()
-    } else if let Some(rest) = location.strip_prefix("//") {
-        format!("{scheme}://{rest}")
-    } else if location.starts_with('/') {
-        format!("{scheme}://{}{location}", cur.authority()?.as_str())
-    } else if location.is_empty()
-        || location
-            .split('/')
-            .next()
-            .is_some_and(|first| first.contains(':'))
-    {
-        return None; // another scheme (file:, data:, ...), or nothing
-    } else {
-        let path = cur.path();
-        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
-        let dir = if dir.is_empty() { "/" } else { dir };
-        format!("{scheme}://{}{dir}{location}", cur.authority()?.as_str())
-    };
-    let parsed: Uri = out.parse().ok()?;
-    matches!(parsed.scheme_str(), Some("http" | "https")).then_some(out)
-}
-
 /// Reads a small body whole, refusing one larger than `limit`.
 pub(crate) fn read_limited(
     client: &Client,
@@ -694,51 +630,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_stay_on_the_registry_origin() {
-        let base = "https://reg.example:5000";
-        assert!(same_origin("https://reg.example:5000/v2/x", base));
-        assert!(same_origin("https://REG.example:5000/v2/x", base));
-        assert!(!same_origin("https://reg.example/v2/x", base));
-        assert!(!same_origin("http://reg.example:5000/v2/x", base));
-        assert!(!same_origin("https://s3.example/blob?sig=1", base));
-        assert!(same_origin("https://r.io/v2/", "https://r.io:443"));
-        assert!(!same_origin("not a url", base));
-    }
-
-    #[test]
-    fn locations_resolve_and_odd_ones_are_refused() {
-        let cur = "https://r.io:5000/v2/a/blobs/sha256:x";
-        assert_eq!(
-            resolve(cur, "/v2/b").as_deref(),
-            Some("https://r.io:5000/v2/b")
-        );
-        assert_eq!(
-            resolve(cur, "http://s3/b?sig=1").as_deref(),
-            Some("http://s3/b?sig=1")
-        );
-        assert_eq!(resolve(cur, "//s3/x").as_deref(), Some("https://s3/x"));
-        assert_eq!(
-            resolve("https://r.io/v2/a/blobs/uploads/", "u1?_state=x").as_deref(),
-            Some("https://r.io/v2/a/blobs/uploads/u1?_state=x")
-        );
-        assert_eq!(
-            resolve("https://r.io/", "v2/x").as_deref(),
-            Some("https://r.io/v2/x")
-        );
-        assert_eq!(resolve(cur, "file:///etc/passwd"), None);
-        assert_eq!(resolve(cur, "javascript:alert(1)"), None);
-        assert_eq!(resolve(cur, ""), None);
-    }
-
-    #[test]
-    fn queries_encode_and_backoff_grows_to_a_cap() {
-        assert_eq!(
-            encode("repository:a/b:pull,push"),
-            "repository%3Aa%2Fb%3Apull%2Cpush"
-        );
+    fn backoff_grows_to_a_cap() {
         assert_eq!(backoff(1), Duration::from_millis(500));
         assert_eq!(backoff(3), Duration::from_secs(2));
         assert_eq!(backoff(40), MAX_BACKOFF);
-        assert_eq!(strip_query("https://s/x?sig=secret"), "https://s/x");
     }
 }

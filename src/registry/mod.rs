@@ -5,6 +5,7 @@
 //! - [`auth`]: credentials in podman's and docker's files, `WWW-Authenticate` challenges;
 //! - [`tls`]: rustls with the system's CAs and certs.d directories;
 //! - [`client`]: HTTP to one registry (ureq): handshake, tokens, retries, redirects;
+//! - [`url`]: locations resolved, origins compared (credentials stay on the registry's);
 //! - [`pull`] and [`push`]: the protocol's two directions over the image store;
 //! - [`image_for_run`]: docker's `--pull` policy for `run` and `create`.
 
@@ -16,6 +17,7 @@ mod pull;
 mod push;
 pub mod reference;
 mod tls;
+mod url;
 
 use std::io;
 
