@@ -195,8 +195,12 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     }
 }
 
-/// Checks an image name (docker's `IMAGE[:TAG]`) before any work is done for it.
+/// Checks an image name (docker's `IMAGE[:TAG]`) before any work is done for it; a digest is
+/// what an image has, not a name to give it.
 pub fn check_name(name: &str) -> Result<String, Error> {
+    if name.contains('@') {
+        return Err(Error::BadName(name.chars().take(200).collect()));
+    }
     normalize_name(name)
 }
 
@@ -309,8 +313,9 @@ impl Store {
         Ok(new_manifest_digest)
     }
 
-    /// Names the stored image whose manifest is `manifest` `name` (docker's `IMAGE[:TAG]`,
-    /// checked by [`check_name`] first).
+    /// Names the stored image whose manifest is `manifest` `name`: docker's `IMAGE[:TAG]`
+    /// (what `commit` gives, checked by [`check_name`] first), or `IMAGE@sha256:...` for a
+    /// pull by digest.
     pub fn name_image(&self, name: &str, manifest: &Digest) -> Result<Image, Error> {
         let name = normalize_name(name)?;
         let _gc = self.gc_lock(Mode::Shared)?;
@@ -379,6 +384,13 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_given_to_commits_are_not_digests() {
+        assert_eq!(check_name("app").unwrap(), "app:latest");
+        let pinned = format!("app@sha256:{}", "ab".repeat(32));
+        assert!(check_name(&pinned).is_err());
+    }
 
     #[test]
     fn changes_parse_like_docker() {

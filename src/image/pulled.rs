@@ -192,12 +192,6 @@ impl Store {
         Ok(())
     }
 
-    /// Names the pulled image whose manifest is `manifest`: as [`Store::name_image`], but
-    /// `name` may be pinned to a digest (`REPO@sha256:...`).
-    pub fn name_pulled(&self, name: &str, manifest: &Digest) -> Result<Image, Error> {
-        self.name_image(name, manifest)
-    }
-
     /// What pushing `image` uploads, each blob checked to be present first.
     pub fn push_plan(&self, image: &Image) -> Result<PushPlan, Error> {
         let digest = Digest::parse(&image.digest)?;

@@ -43,7 +43,7 @@ pub fn pull(
     store.check_fetched_config(&manifest, &digest, &config)?;
     fetch_layers(store, &client, &r, &layers, progress)?;
     store.put_fetched(&manifest, &digest, &config)?;
-    Ok(store.name_pulled(&name, &digest)?)
+    Ok(store.name_image(&name, &digest)?)
 }
 
 /// The image manifest `r` names, through an index when it names one: its verified bytes and
