@@ -125,6 +125,8 @@ pub fn pull_first(args: &mut CreateArgs) -> Result<(), String> {
     if args.rootfs || crate::image::reference::parse_transport(&args.image).is_some() {
         return Ok(());
     }
+    // The flags' own mistakes are said before a download, not after.
+    check_flags(args)?;
     let store = crate::image::Store::open(&crate::host::data_dir()).map_err(|e| e.to_string())?;
     match image_for_run(&store, &args.image, args.pull, &args.registry.options()) {
         Ok(_) => {
@@ -153,11 +155,21 @@ pub fn create(args: CreateArgs) -> i32 {
     }
 }
 
-/// Checks the flags, resolves the image and the process, and stores the container.
-pub fn make(args: CreateArgs) -> Result<Container, String> {
+/// The mistakes the flags alone show, found before any work: the VM's numbers, volumes, the
+/// network flags (before the backend is chosen and warned about), the kernel.
+fn check_flags(args: &CreateArgs) -> Result<(Vec<volumes::Volume>, NetworkConfig), String> {
     args.vm.timeout()?;
     args.vm.check_cpus()?;
     let volumes = volumes::parse_all(&args.volume, &args.mount).map_err(|e| e.to_string())?;
+    let network = NetworkConfig::from_flags(args.network.as_deref(), &args.publish, &args.dns)
+        .map_err(|e| e.to_string())?;
+    args.vm.kernel()?;
+    Ok((volumes, network))
+}
+
+/// Checks the flags, resolves the image and the process, and stores the container.
+pub fn make(args: CreateArgs) -> Result<Container, String> {
+    let (volumes, network) = check_flags(&args)?;
     let mut env = Vec::new();
     for e in args.env {
         match e.split_once('=') {
@@ -178,9 +190,6 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
         workdir: args.workdir,
         user: args.user,
     };
-    // Before the backend is chosen (and warned about): bad network flags are the user's to fix.
-    let network = NetworkConfig::from_flags(args.network.as_deref(), &args.publish, &args.dns)
-        .map_err(|e| e.to_string())?;
     let hypervisor = backend::choose(args.hypervisor)?;
     let kernel = args.vm.kernel()?;
     // A later `start` may run from another directory.
