@@ -305,9 +305,11 @@ fn a_killed_supervisor_shows_as_exited_and_rm_leaves_nothing() {
         i["State"]["Error"].as_str().unwrap().contains("supervisor"),
         "{i}"
     );
-    // Its helpers (QEMU, virtiofsd) die with it (PDEATHSIG); give them a moment.
+    // Its helpers die with it: QEMU and virtiofsd by PDEATHSIG, passt once QEMU's end of its
+    // socket closes (it runs as nobody, beyond a parent-death signal); give them a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&vol.0.display().to_string()).is_empty()
+    while (!processes_mentioning(&vol.0.display().to_string()).is_empty()
+        || !processes_mentioning(&run_dir).is_empty())
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(50));
