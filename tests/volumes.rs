@@ -204,9 +204,11 @@ fn two_containers_see_each_others_writes() {
         return;
     };
     let d = shared_dir("vol-two");
+    // Each file appears whole (written aside, then renamed): `-e` must not see it created but
+    // not yet written.
     let script = |me: &str, other: &str| {
         format!(
-            "echo {me} > /shared/{me}; \
+            "echo {me} > /shared/.{me}; mv /shared/.{me} /shared/{me}; \
              while [ ! -e /shared/{other} ]; do busybox usleep 20000; done; cat /shared/{other}"
         )
     };
