@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::digest::{Digest, HashingWriter};
 use super::error::{Error, IoContext};
 use super::layer_convert;
-use super::lock::{self, Mode};
+use super::lock::Mode;
 use super::oci_layout::MAX_JSON;
 use super::store::{
     check_image, parse_config, parse_manifest, sync_dir, unique, TempFile, TMP_PREFIX,
@@ -129,8 +129,7 @@ impl Store {
     ) -> Result<(), Error> {
         let d = &layer.digest;
         let _gc = self.gc_lock(Mode::Shared)?;
-        let lock_path = self.root().join("locks").join(format!("{}.lock", d.hex()));
-        let one = lock::lock(&lock_path, Mode::Exclusive)?;
+        let one = self.conversion_lock(d.hex())?;
         if self.has_layer(layer) {
             return Ok(());
         }
@@ -141,19 +140,9 @@ impl Store {
             self.layer_image(d)?;
             return Ok(());
         }
-        let layers_dir = self.root().join("layers");
-        let stale = format!("{TMP_PREFIX}{}-", d.hex());
-        for entry in fs::read_dir(&layers_dir)
-            .ctx(|| format!("listing {}", layers_dir.display()))?
-            .flatten()
-        {
-            if entry.file_name().to_string_lossy().starts_with(&stale) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
+        let image_tmp = self.fresh_image_temp(d.hex())?;
         let blob_tmp =
             TempFile::create(self.blobs_dir().join(format!("{TMP_PREFIX}{}", unique())))?;
-        let image_tmp = TempFile::create(layers_dir.join(format!("{stale}{}.sqfs", unique())))?;
         let mut tee = Tee {
             source: source.take(layer.size.saturating_add(1)),
             copy: HashingWriter::new(BufWriter::with_capacity(256 << 10, blob_tmp.file()?)),
@@ -188,6 +177,7 @@ impl Store {
         blob_tmp.persist(&self.blob_path(d))?;
         image_tmp.persist(&self.layer_image_path(d))?;
         sync_dir(&self.blobs_dir()).ctx(|| format!("syncing {}", self.blobs_dir().display()))?;
+        let layers_dir = self.layers_dir();
         sync_dir(&layers_dir).ctx(|| format!("syncing {}", layers_dir.display()))?;
         Ok(())
     }

@@ -104,7 +104,7 @@ impl Store {
         self.root.join("blobs/sha256")
     }
 
-    fn layers_dir(&self) -> PathBuf {
+    pub(super) fn layers_dir(&self) -> PathBuf {
         self.root.join("layers")
     }
 
@@ -686,10 +686,7 @@ impl Store {
         if target.exists() {
             return Ok(target.to_path_buf());
         }
-        let _one = lock::lock(
-            &self.root.join("locks").join(format!("{key}.lock")),
-            Mode::Exclusive,
-        )?;
+        let _one = self.conversion_lock(key)?;
         if target.exists() {
             return Ok(target.to_path_buf()); // another process converted it while we waited
         }
@@ -703,14 +700,7 @@ impl Store {
                 })?
                 .len();
         }
-        // Holding the lock, any temporary file for this image is a dead conversion's.
-        let stale = format!("{TMP_PREFIX}{key}-");
-        for (name, path, _) in list_dir(&self.layers_dir())? {
-            if name.starts_with(&stale) {
-                remove(&path)?;
-            }
-        }
-        let tmp = TempFile::create(self.layers_dir().join(format!("{stale}{}.sqfs", unique())))?;
+        let tmp = self.fresh_image_temp(key)?;
         // A merge reads its blobs twice.
         let len = if blobs.len() > 1 { 2 * len } else { len };
         let bar = progress::bar(self.progress && len >= BAR_MIN, len, label);
@@ -723,6 +713,29 @@ impl Store {
         tmp.persist(target)?;
         sync_dir(&self.layers_dir()).ctx(|| format!("syncing {}", self.layers_dir().display()))?;
         Ok(target.to_path_buf())
+    }
+}
+
+impl Store {
+    /// The lock that makes one process at a time build the layer image `key` (a layer's hex
+    /// digest, or a merge's key): a conversion from a stored blob, or a pull's streaming one.
+    pub(super) fn conversion_lock(&self, key: &str) -> Result<FileLock, Error> {
+        lock::lock(
+            &self.root.join("locks").join(format!("{key}.lock")),
+            Mode::Exclusive,
+        )
+    }
+
+    /// A new temporary file for the layer image `key`, after removing that image's earlier
+    /// ones: the caller holds [`Store::conversion_lock`], so those are dead conversions'.
+    pub(super) fn fresh_image_temp(&self, key: &str) -> Result<TempFile, Error> {
+        let stale = format!("{TMP_PREFIX}{key}-");
+        for (name, path, _) in list_dir(&self.layers_dir())? {
+            if name.starts_with(&stale) {
+                remove(&path)?;
+            }
+        }
+        TempFile::create(self.layers_dir().join(format!("{stale}{}.sqfs", unique())))
     }
 }
 
