@@ -44,7 +44,8 @@ pub struct RmiArgs {
     pub images: Vec<String>,
 }
 
-fn open_store() -> Result<Store, i32> {
+/// The image store, or the exit status after its error line.
+pub(super) fn open_store() -> Result<Store, i32> {
     Store::open(&crate::host::data_dir()).map_err(|e| {
         error_line(e);
         EXIT_MICROVM_ERROR

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::image::open_store;
 use super::{error_line, EXIT_MICROVM_ERROR};
-use crate::image::Store;
 use crate::registry::{self, auth::Credentials, Options};
 
 /// How to reach a registry: podman's flags.
@@ -102,10 +102,6 @@ pub struct LogoutArgs {
 fn fail(e: impl std::fmt::Display) -> i32 {
     error_line(e);
     EXIT_MICROVM_ERROR
-}
-
-fn open_store() -> Result<Store, i32> {
-    Store::open(&crate::host::data_dir()).map_err(fail)
 }
 
 /// Runs `microvm pull`: prints the stored image's name.

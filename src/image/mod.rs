@@ -34,6 +34,7 @@ mod source;
 mod store;
 
 pub use commit::{check_name, parse_change, Change, CommitOptions};
+pub(crate) use digest::verify_bytes;
 pub use digest::Digest;
 pub use error::Error;
 pub use layer_convert::{Compression, SQUASHFS_COMPRESSOR};

@@ -12,6 +12,7 @@ use ureq::http::{self, Method, Response, StatusCode, Uri};
 use ureq::{Agent, Body};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
+use super::reference::is_loopback;
 use super::url::{encode, resolve, same_origin, strip_query};
 use super::{tls, Error, Reference};
 
@@ -231,9 +232,7 @@ impl Client {
             registry: self.registry.clone(),
             detail: format!("its token realm {realm:?} is not a URL"),
         })?;
-        let realm_loopback = realm_uri
-            .host()
-            .is_some_and(|h| matches!(h, "localhost" | "127.0.0.1" | "[::1]" | "::1"));
+        let realm_loopback = realm_uri.host().is_some_and(is_loopback);
         if self.creds.is_some()
             && realm_uri.scheme_str() != Some("https")
             && !realm_loopback

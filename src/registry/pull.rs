@@ -166,12 +166,7 @@ fn small_blob(
             hint: "",
         }));
     }
-    if bytes.len() as u64 != blob.size || Digest::of(&bytes) != blob.digest {
-        return Err(Error::Image(image::Error::DigestMismatch {
-            digest: blob.digest.to_string(),
-            actual: Digest::of(&bytes).to_string(),
-        }));
-    }
+    image::verify_bytes(&bytes, &blob.digest, Some(blob.size))?;
     Ok(bytes)
 }
 
