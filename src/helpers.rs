@@ -1,5 +1,5 @@
-//! Helper programs microvm starts (QEMU, vhost-user backends such as virtiofsd and
-//! vhost-device-vsock): finding them and tying their lives to ours.
+//! Helper programs microvm starts (QEMU, virtiofsd, passt): finding them and tying their lives
+//! to ours.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;

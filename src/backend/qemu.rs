@@ -1,20 +1,21 @@
 //! The `qemu` backend: the same VM plan run by QEMU's microvm machine under TCG (software
 //! emulation), for hosts whose KVM cannot boot our guest. vsock goes through QEMU's
-//! vhost-user-vsock device and `vhost-device-vsock`, which uses the same hybrid Unix-socket
-//! convention as our own device; virtio-fs shares go through QEMU's vhost-user-fs device to the
+//! vhost-user-vsock device to our own vsock device served over vhost-user on threads of this
+//! process (the same code as our VMM's device); virtio-fs shares go through QEMU's vhost-user-fs device to the
 //! plan's virtiofsd sockets; guest RAM is a shared memfd as vhost-user requires.
 //!
 //! QEMU does not treat TCG as a security boundary: callers must say so to the user.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::devices::virtio::net::tap;
+use crate::devices::virtio::vsock::vhost_user;
 use crate::helpers::{die_with_parent, find, pass_fd, Missing};
 use crate::plan::{Console, NetBackend, NetPlan, VmPlan};
 
@@ -39,9 +40,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// vhost-device-vsock did not come up.
-    #[error("vhost-device-vsock did not create its socket {0} (see its messages above)")]
-    VsockBackend(PathBuf),
+    /// The vsock backend could not start.
+    #[error(transparent)]
+    Vsock(#[from] vhost_user::Error),
     /// More devices than QEMU's microvm has transports.
     #[error("{0} virtio devices do not fit QEMU's microvm, which has {TRANSPORTS} transports")]
     TooManyDevices(usize),
@@ -96,10 +97,10 @@ fn net_args(cmd: &mut Command, net: &NetPlan) -> Result<Option<OwnedFd>, Error> 
     Ok(fd)
 }
 
-/// A running QEMU and the helper it needs.
+/// A running QEMU and the vsock backend serving it.
 pub struct Qemu {
     qemu: Child,
-    vsock: Option<Child>,
+    vsock: Option<vhost_user::Server>,
 }
 
 /// QEMU needs no network, no System V IPC and no hostname of ours: it gets new, empty network,
@@ -139,49 +140,28 @@ fn share_args(plan: &VmPlan) -> Vec<String> {
 }
 
 impl Qemu {
-    /// Starts vhost-device-vsock (if the plan has vsock) and QEMU; `run_dir` holds their sockets
+    /// Starts the vsock backend (if the plan has vsock) and QEMU; `run_dir` holds their sockets
     /// and the concatenated initrd. Must be called on the thread that outlives the VM.
     pub fn start(plan: &VmPlan, run_dir: &Path) -> Result<Qemu, Error> {
         let qemu_bin = find("qemu-system-x86_64", "install Debian's qemu-system-x86")?;
         let mut vsock = None;
         let mut vsock_args = Vec::new();
         if let Some(v) = &plan.vsock {
-            let bin = find(
-                "vhost-device-vsock",
-                "install it with `cargo install vhost-device-vsock`",
-            )?;
             let socket = run_dir.join("vhost-user-vsock.sock");
-            let mut cmd = Command::new(bin);
-            cmd.arg("--vm")
-                .arg(format!(
-                    "guest-cid={},socket={},uds-path={}",
-                    v.guest_cid,
-                    socket.display(),
-                    v.uds_path.display()
-                ))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null());
-            die_with_parent(&mut cmd);
-            let mut child = cmd.spawn().map_err(|source| Error::Spawn {
-                program: "vhost-device-vsock",
-                source,
-            })?;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !socket.exists() {
-                if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Error::VsockBackend(socket));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            vsock = Some(vhost_user::Server::start(
+                v.guest_cid.into(),
+                &v.uds_path,
+                &socket,
+            )?);
             vsock_args = vec![
                 "-chardev".to_string(),
-                format!("socket,id=vsock,path={}", socket.display()),
+                format!(
+                    "socket,id=vsock,path={}",
+                    opt_value(&socket.to_string_lossy())
+                ),
                 "-device".to_string(),
                 "vhost-user-vsock-device,chardev=vsock".to_string(),
             ];
-            vsock = Some(child);
         }
 
         let initrd = match plan.initrd.as_slice() {
@@ -222,19 +202,20 @@ impl Qemu {
         // Kept open until QEMU is spawned: it gets its own copy.
         let _net_fd = match plan.net.as_ref().map(|net| net_args(&mut cmd, net)) {
             Some(Err(e)) => {
-                // The vsock helper is already running: it must not outlive this failure.
-                if let Some(mut v) = vsock {
-                    let _ = v.kill();
-                    let _ = v.wait();
+                // The vsock backend is already listening: it must not outlive this failure.
+                if let Some(v) = vsock {
+                    let _ = v.stop();
                 }
                 return Err(e);
             }
             Some(Ok(fd)) => fd,
             None => None,
         };
+        // The CMOS clock stays on: with it off the guest kernel waits a second for the clock's
+        // update flag to clear, then starts its wall clock at 1970 (TCG has no kvmclock).
         cmd.args([
             "-M",
-            "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
+            "microvm,acpi=off,x-option-roms=off,rtc=on,memory-backend=mem",
         ])
         .args(["-accel", "tcg", "-cpu", "max"])
         .args(["-m", &format!("{mem}M"), "-smp", &plan.cpus.to_string()])
@@ -270,9 +251,8 @@ impl Qemu {
         let qemu = match cmd.spawn() {
             Ok(q) => q,
             Err(source) => {
-                if let Some(mut v) = vsock {
-                    let _ = v.kill();
-                    let _ = v.wait();
+                if let Some(v) = vsock {
+                    let _ = v.stop();
                 }
                 return Err(Error::Spawn {
                     program: "qemu-system-x86_64",
@@ -283,9 +263,9 @@ impl Qemu {
         Ok(Qemu { qemu, vsock })
     }
 
-    /// Waits for QEMU to end (or `timeout`), then ends the vsock helper, which outlives QEMU.
-    /// Returns whether QEMU ended by itself; a vsock helper that dies first is an error (and
-    /// QEMU is stopped), never a hang.
+    /// Waits for QEMU to end (or `timeout`), then ends the vsock backend. Returns whether QEMU
+    /// ended by itself; a vsock backend that fails first is an error (and QEMU is stopped),
+    /// never a hang.
     pub fn wait(mut self, timeout: Option<Duration>) -> Result<bool, String> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let result = loop {
@@ -294,15 +274,14 @@ impl Qemu {
                 Ok(None) => {}
                 Err(e) => break Err(format!("waiting for QEMU: {e}")),
             }
-            if let Some(v) = self.vsock.as_mut() {
-                if let Ok(Some(status)) = v.try_wait() {
-                    self.vsock = None;
-                    let _ = self.qemu.kill();
-                    let _ = self.qemu.wait();
-                    break Err(format!(
-                        "vhost-device-vsock exited while the VM ran ({status})"
-                    ));
-                }
+            if self.vsock.as_ref().is_some_and(|v| v.is_finished()) {
+                let _ = self.qemu.kill();
+                let _ = self.qemu.wait();
+                let why = match self.vsock.take().map(|v| v.stop()) {
+                    Some(Err(e)) => e,
+                    _ => "QEMU left it".to_string(),
+                };
+                break Err(format!("the vsock backend ended while the VM ran: {why}"));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let _ = self.qemu.kill();
@@ -311,9 +290,10 @@ impl Qemu {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        if let Some(mut v) = self.vsock.take() {
-            let _ = v.kill();
-            let _ = v.wait();
+        if let Some(v) = self.vsock.take() {
+            if let Err(e) = v.stop() {
+                tracing::warn!("vsock backend: {e}");
+            }
         }
         result
     }
@@ -328,6 +308,7 @@ impl Qemu {
 mod tests {
     use super::*;
     use crate::plan::FsPlan;
+    use std::path::PathBuf;
 
     #[test]
     fn each_share_gets_a_chardev_and_a_vhost_user_fs_device() {

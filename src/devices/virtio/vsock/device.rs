@@ -1,15 +1,14 @@
 //! The virtio-vsock device: its virtio face (device id 19, three queues, the guest CID as
 //! configuration) and the queue processing that moves packets between the rings and the muxer.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::chain::{read_tx_packet, RxBuffer};
 use super::muxer::Muxer;
+use super::rings::{move_packets, Rings};
 use super::unix::Listener;
 use super::Error;
 use crate::devices::virtio::{
@@ -44,16 +43,6 @@ pub struct Vsock {
     tx_payload: Vec<u8>,
 }
 
-type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
-
-/// A queue broke its contract (e.g. an available index running ahead by more than the queue
-/// size); the device stops until the driver resets it.
-struct QueueBroken(virtio_queue::Error);
-
-fn pop<'m>(q: &mut Queue, mem: &'m GuestMemoryMmap) -> Result<Option<Chain<'m>>, QueueBroken> {
-    q.iter(mem).map(|mut it| it.next()).map_err(QueueBroken)
-}
-
 impl Vsock {
     /// A device for a guest at `guest_cid`, listening at `uds_path` (bound now, before the guest
     /// runs, so host processes may connect at once).
@@ -76,99 +65,29 @@ impl Vsock {
         &self.queue_events[index]
     }
 
-    /// A host process connected to the listening socket.
-    pub(super) fn accept(&mut self, stream: UnixStream) {
-        self.muxer.add_host_stream(stream);
-    }
-
-    /// Moves packets both ways until neither queue makes progress. TX waits while too many
-    /// replies are queued; RX drains them, which lets TX go on.
+    /// Moves packets both ways (see [`move_packets`]) and interrupts the guest if it is owed.
     pub(super) fn process_queues(&mut self) {
-        let result = (|| loop {
-            self.process_rx()?;
-            if !self.process_tx()? {
-                return Ok(());
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let rings = Rings {
+            mem: &a.mem,
+            rx: &mut a.rx,
+            tx: &mut a.tx,
+        };
+        match move_packets(&mut self.muxer, &mut self.tx_payload, rings) {
+            Ok(notify) => {
+                if notify.rx || notify.tx {
+                    a.interrupt.signal_used_queue();
+                }
             }
-        })();
-        if let Err(QueueBroken(e)) = result {
-            tracing::warn!("vsock: the guest driver broke a queue ({e}); the device needs a reset");
-            if let Some(a) = self.active.take() {
+            Err(e) => {
+                tracing::warn!("vsock: {e}; the device needs a reset");
                 a.interrupt.signal_needs_reset();
+                self.active = None;
+                self.muxer.clear();
             }
-            self.muxer.clear();
         }
-    }
-
-    /// Fills guest receive buffers with whatever the muxer has; returns whether any was used.
-    fn process_rx(&mut self) -> Result<bool, QueueBroken> {
-        let Some(a) = self.active.as_mut() else {
-            return Ok(false);
-        };
-        let mut used = false;
-        while self.muxer.has_rx_work() {
-            let Some(chain) = pop(&mut a.rx, &a.mem)? else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = match RxBuffer::new(&a.mem, chain) {
-                Err(e) => {
-                    tracing::debug!("vsock: returning an unusable receive buffer: {e}");
-                    0
-                }
-                Ok(buf) => match self.muxer.next_rx(buf.max_payload()) {
-                    None => {
-                        // Nothing after all (a host socket had no data): the buffer stays.
-                        a.rx.go_to_previous_position();
-                        break;
-                    }
-                    Some((hdr, n)) => {
-                        match buf.write_packet(&hdr, &self.muxer.scratch()[..n]) {
-                            Ok(len) => len,
-                            // Cannot happen (the buffer was checked), but never panic.
-                            Err(e) => {
-                                tracing::warn!("vsock: packet lost writing guest memory: {e}");
-                                0
-                            }
-                        }
-                    }
-                },
-            };
-            a.rx.add_used(&a.mem, head, len).map_err(QueueBroken)?;
-            used = true;
-        }
-        if used && a.rx.needs_notification(&a.mem).map_err(QueueBroken)? {
-            a.interrupt.signal_used_queue();
-        }
-        Ok(used)
-    }
-
-    /// Takes the guest's packets; returns whether any was taken.
-    fn process_tx(&mut self) -> Result<bool, QueueBroken> {
-        let Some(a) = self.active.as_mut() else {
-            return Ok(false);
-        };
-        let mut used = false;
-        while !self.muxer.replies_full() {
-            let Some(chain) = pop(&mut a.tx, &a.mem)? else {
-                break;
-            };
-            let head = chain.head_index();
-            match read_tx_packet(&a.mem, chain, &mut self.tx_payload) {
-                Ok(hdr) => self.muxer.guest_packet(&hdr, &self.tx_payload),
-                Err(e) => {
-                    tracing::debug!("vsock: dropping a guest packet: {}", e.error);
-                    if let Some(hdr) = e.header {
-                        self.muxer.guest_packet_failed(&hdr);
-                    }
-                }
-            }
-            a.tx.add_used(&a.mem, head, 0).map_err(QueueBroken)?;
-            used = true;
-        }
-        if used && a.tx.needs_notification(&a.mem).map_err(QueueBroken)? {
-            a.interrupt.signal_used_queue();
-        }
-        Ok(used)
     }
 }
 

@@ -6,12 +6,14 @@
 //! buffers) does not wake the loop over and over.
 
 use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::{Vsock, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use super::muxer::FIRST_CONN_TOKEN;
+use super::muxer::{SocketWatch, FIRST_CONN_TOKEN};
 
 const LISTENER: u32 = 3;
 const WAKE: u32 = 4;
@@ -21,46 +23,20 @@ fn socket_events() -> EventSet {
     EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
 }
 
-impl Vsock {
-    fn accept_host_connections(&mut self) {
-        loop {
-            match self.listener.socket.accept() {
-                Ok((stream, _)) => match stream.set_nonblocking(true) {
-                    Ok(()) => self.accept(stream),
-                    Err(e) => tracing::warn!("vsock: cannot use a host connection: {e}"),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // E.g. out of descriptors: the listener is edge-triggered, so the next
-                // connection attempt retries rather than this loop spinning.
-                Err(e) => {
-                    tracing::warn!("vsock: cannot accept a host connection: {e}");
-                    break;
-                }
-            }
-        }
+/// Event-manager as the muxer's socket watch.
+struct Ops<'a, 'b>(&'a mut EventOps<'b>);
+
+impl SocketWatch for Ops<'_, '_> {
+    fn watch(&mut self, fd: RawFd, token: u32) -> io::Result<()> {
+        self.0
+            .add(Events::with_data_raw(fd, token, socket_events()))
+            .map_err(|e| io::Error::other(format!("{e:?}")))
     }
 
-    /// Registers new sockets and unregisters (then closes) dead ones.
-    fn apply_fd_changes(&mut self, ops: &mut EventOps) {
-        loop {
-            let changes = std::mem::take(&mut self.muxer.fd_changes);
-            if changes.added.is_empty() && changes.removed.is_empty() {
-                return;
-            }
-            for stream in changes.removed {
-                // Unregister before closing: event-manager tracks fds by number.
-                if let Err(e) = ops.remove(Events::empty(&stream)) {
-                    tracing::debug!("vsock: unwatching a socket: {e:?}");
-                }
-            }
-            for (fd, token) in changes.added {
-                if let Err(e) = ops.add(Events::with_data_raw(fd, token, socket_events())) {
-                    tracing::warn!("vsock: cannot watch a host socket: {e:?}");
-                    self.muxer.watch_failed(token);
-                }
-            }
-        }
+    fn unwatch(&mut self, stream: &UnixStream) -> io::Result<()> {
+        self.0
+            .remove(Events::empty(stream))
+            .map_err(|e| io::Error::other(format!("{e:?}")))
     }
 }
 
@@ -95,11 +71,11 @@ impl MutEventSubscriber for Vsock {
             WAKE => {
                 let _ = self.wake.read();
             }
-            LISTENER => self.accept_host_connections(),
+            LISTENER => self.muxer.accept_all(&self.listener.socket),
             token => self.muxer.host_event(token, events.event_set()),
         }
         // Any event may have made packets possible either way (guest buffers, host data, credit).
         self.process_queues();
-        self.apply_fd_changes(ops);
+        self.muxer.apply_fd_changes(&mut Ops(ops));
     }
 }

@@ -8,10 +8,13 @@
 //! Layers, each testable alone: [`packet`] (header codec and checks), [`chain`] (packets in
 //! descriptor chains), [`credit`] (flow control), [`handshake`] (the CONNECT line),
 //! [`connection`] (one stream and its host socket), [`muxer`] (the connection table),
-//! [`device`] (queues and the virtio face) and the event-loop glue in `event_handler`.
+//! [`rings`] (packets between the rings and the muxer), [`device`] (the virtio face on our
+//! VMM) and its event-loop glue in `event_handler`, and [`vhost_user`] (the same device served
+//! to QEMU, for the `qemu` backend).
 //!
-//! All of it runs on the device loop thread, except the virtio register callbacks (activate,
-//! reset, configuration reads), which run on a vCPU thread under the same device mutex.
+//! On our VMM all of it runs on the device loop thread, except the virtio register callbacks
+//! (activate, reset, configuration reads), which run on a vCPU thread under the same device
+//! mutex; under QEMU it runs on the vhost-user library's worker thread.
 
 pub mod chain;
 pub mod connection;
@@ -21,7 +24,9 @@ mod event_handler;
 pub mod handshake;
 pub mod muxer;
 pub mod packet;
+pub mod rings;
 pub mod unix;
+pub mod vhost_user;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use vmm_sys_util::epoll::EventSet;
@@ -30,6 +30,15 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 
 /// (guest port, host port).
 type Key = (u32, u32);
+
+/// The event loop a muxer's sockets are watched by (event-manager for our VMM's device, a plain
+/// epoll for the vhost-user backend).
+pub trait SocketWatch {
+    /// Starts watching `fd` (edge-triggered, for reading and writing) under `token`.
+    fn watch(&mut self, fd: RawFd, token: u32) -> io::Result<()>;
+    /// Stops watching `stream`, which is closed right after.
+    fn unwatch(&mut self, stream: &UnixStream) -> io::Result<()>;
+}
 
 /// Sockets the event loop must start or stop watching.
 #[derive(Default)]
@@ -113,6 +122,48 @@ impl Muxer {
                 self.fd_changes.added.swap_remove(i);
             }
             None => self.fd_changes.removed.push(stream),
+        }
+    }
+
+    /// Takes every host connection waiting on the (non-blocking) listening socket.
+    pub fn accept_all(&mut self, listener: &UnixListener) {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => match stream.set_nonblocking(true) {
+                    Ok(()) => self.add_host_stream(stream),
+                    Err(e) => tracing::warn!("vsock: cannot use a host connection: {e}"),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // E.g. out of descriptors: the listener is edge-triggered, so the next
+                // connection attempt retries rather than this loop spinning.
+                Err(e) => {
+                    tracing::warn!("vsock: cannot accept a host connection: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Registers new sockets with the event loop and unregisters (then closes) dead ones.
+    pub fn apply_fd_changes(&mut self, loop_: &mut impl SocketWatch) {
+        loop {
+            let changes = std::mem::take(&mut self.fd_changes);
+            if changes.added.is_empty() && changes.removed.is_empty() {
+                return;
+            }
+            for stream in changes.removed {
+                // Unregister before closing: event loops track fds by number.
+                if let Err(e) = loop_.unwatch(&stream) {
+                    tracing::debug!("vsock: unwatching a socket: {e}");
+                }
+            }
+            for (fd, token) in changes.added {
+                if let Err(e) = loop_.watch(fd, token) {
+                    tracing::warn!("vsock: cannot watch a host socket: {e}");
+                    self.watch_failed(token);
+                }
+            }
         }
     }
 

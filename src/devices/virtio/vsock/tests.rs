@@ -417,7 +417,7 @@ fn host_initiated_connection_with_handshake() {
     let mut host = UnixStream::connect(&g.uds).unwrap();
     let (ours, _) = g.dev.listener.socket.accept().unwrap();
     ours.set_nonblocking(true).unwrap();
-    g.dev.accept(ours);
+    g.dev.muxer.add_host_stream(ours);
     g.settle();
     let token = g.tokens[0];
     // Data right behind the line must not be lost.
@@ -460,7 +460,7 @@ fn bad_handshakes_are_closed() {
         let mut host = UnixStream::connect(&g.uds).unwrap();
         let (ours, _) = g.dev.listener.socket.accept().unwrap();
         ours.set_nonblocking(true).unwrap();
-        g.dev.accept(ours);
+        g.dev.muxer.add_host_stream(ours);
         g.settle();
         let token = *g.tokens.last().unwrap();
         host.write_all(line).unwrap();
