@@ -128,7 +128,7 @@ fn run_first(
     on_control(Control::new(control));
     loop {
         match proto::recv(&mut reader) {
-            Ok(Message::Started { pid }) => {
+            Ok(Message::Started { pid, .. }) => {
                 tracing::debug!("exec started as guest pid {pid}");
                 if let Some(f) = on_started.take() {
                     f(pid);

@@ -173,10 +173,14 @@ pub struct ProcessTimes {
     pub started: Option<Duration>,
     /// The exit status and every stream's end arrived.
     pub ended: Option<Duration>,
+    /// The agent's own stage times before the process started (guest clock).
+    pub guest: Option<proto::StartStages>,
 }
 
 /// A session that has handed the spec to the agent and relays the streams.
 pub struct Session {
+    ready: Duration,
+    boot: proto::BootStages,
     control: Control,
     events: mpsc::Receiver<Message>,
     pumps: Vec<JoinHandle<Result<u64, proto::Error>>>,
@@ -203,9 +207,9 @@ impl Session {
         io: HostIo,
     ) -> Result<Session, Error> {
         let mut control = accept(listener, watch)?;
-        match proto::recv(&mut control)? {
-            Message::Hello { version } if version == proto::VERSION => {}
-            Message::Hello { version } => {
+        let boot = match proto::recv(&mut control)? {
+            Message::Hello { version, boot } if version == proto::VERSION => boot,
+            Message::Hello { version, .. } => {
                 let reason = format!("host speaks protocol {}, agent {version}", proto::VERSION);
                 let _ = proto::send(&mut control, &Message::Refused { reason });
                 return Err(Error::VersionMismatch {
@@ -214,7 +218,7 @@ impl Session {
                 });
             }
             other => return Err(Error::Protocol(format!("expected a hello, got {other:?}"))),
-        }
+        };
         control.set_read_timeout(None)?;
         let ready = crate::timing::since_start();
         tracing::info!(
@@ -259,10 +263,22 @@ impl Session {
             }
         });
         Ok(Session {
+            ready,
+            boot,
             control: Control(Arc::new(Mutex::new(control))),
             events,
             pumps,
         })
+    }
+
+    /// When the agent's hello arrived, as time since microvm started.
+    pub fn ready_at(&self) -> Duration {
+        self.ready
+    }
+
+    /// When the guest's kernel handed over to the agent and the agent said hello (guest clock).
+    pub fn boot_stages(&self) -> proto::BootStages {
+        self.boot
     }
 
     /// A sender for signals and terminal resizes.
@@ -288,15 +304,16 @@ impl Session {
         watch: &VmWatch,
         on_progress: &mut dyn FnMut(Progress),
     ) -> Result<(Outcome, ProcessTimes), Error> {
-        let mut started = None;
+        let (mut started, mut guest) = (None, None);
         let outcome = loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Message::Exited(status)) => break Outcome::Exited(status),
                 Ok(Message::StartFailed { kind, message }) => {
                     break Outcome::StartFailed { kind, message }
                 }
-                Ok(Message::Started { pid }) => {
+                Ok(Message::Started { pid, stages }) => {
                     started = Some(crate::timing::since_start());
+                    guest = stages;
                     on_progress(Progress::Started(pid));
                 }
                 Ok(Message::Created) => on_progress(Progress::Created),
@@ -309,7 +326,14 @@ impl Session {
         join_pumps(self.pumps)?;
         let ended = Some(crate::timing::since_start());
         self.control.send(&Message::Shutdown);
-        Ok((outcome, ProcessTimes { started, ended }))
+        Ok((
+            outcome,
+            ProcessTimes {
+                started,
+                ended,
+                guest,
+            },
+        ))
     }
 }
 
@@ -415,7 +439,11 @@ mod tests {
     /// Connects as the agent would and says hello with `version`.
     fn fake_agent_hello(path: &Path, version: u32) -> UnixStream {
         let mut control = UnixStream::connect(path).unwrap();
-        proto::send(&mut control, &Message::Hello { version }).unwrap();
+        let boot = proto::BootStages {
+            init: 700,
+            hello: 750,
+        };
+        proto::send(&mut control, &Message::Hello { version, boot }).unwrap();
         control
     }
 
@@ -444,7 +472,16 @@ mod tests {
             proto::pump_to_frames(&mut &b"hello err"[..], &mut stderr).unwrap();
             let mut received = Vec::new();
             proto::pump_from_frames(&mut stdin, &mut received).unwrap();
-            proto::send(&mut control, &Message::Started { pid: 7 }).unwrap();
+            let stages = proto::StartStages {
+                run: 751,
+                root: 760,
+                started: 770,
+            };
+            let started = Message::Started {
+                pid: 7,
+                stages: Some(stages),
+            };
+            proto::send(&mut control, &started).unwrap();
             proto::send(&mut control, &Message::Exited(ExitStatus::Code(3))).unwrap();
             (spec, received, proto::recv(&mut control).unwrap())
         });
@@ -454,10 +491,10 @@ mod tests {
             ..Default::default()
         };
         let session = Session::start(&listener, &watch, spec.clone(), io(&out, &err)).unwrap();
-        assert_eq!(
-            session.finish(&watch).unwrap(),
-            Outcome::Exited(ExitStatus::Code(3))
-        );
+        assert_eq!(session.boot_stages().init, 700);
+        let (outcome, times) = session.finish_timed(&watch).unwrap();
+        assert_eq!(outcome, Outcome::Exited(ExitStatus::Code(3)));
+        assert_eq!(times.guest.map(|g| g.root), Some(760));
         assert_eq!(&*out.0.lock().unwrap(), b"hello out");
         assert_eq!(&*err.0.lock().unwrap(), b"hello err");
         let (got_spec, stdin, last) = agent.join().unwrap();

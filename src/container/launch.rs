@@ -362,12 +362,13 @@ impl Launch {
         let network = network.vm_started(on_failure());
         let shares = shares.watch(on_failure());
         let t_vm = crate::timing::since_start();
-        let mut t_ready = None;
+        let (mut t_ready, mut boot) = (None, None);
         let mut t_process = agent::ProcessTimes::default();
         let outcome =
             Session::start_with(&listener, &watch, self.first.clone(), self.wants_stdin, io)
                 .and_then(|session| {
-                    t_ready = Some(crate::timing::since_start());
+                    t_ready = Some(session.ready_at());
+                    boot = Some(session.boot_stages());
                     observer.session_ready(session.control());
                     let (outcome, times) =
                         session.finish_observed(&watch, &mut |progress| match progress {
@@ -389,14 +390,15 @@ impl Launch {
             })
         };
         let timings = format!(
-            "timings since start: image {}, plan {}, VM started {}, agent ready {}, process started {}, process ended {}, exit {}",
+            "timings since start: image {}, plan {}, VM started {}, agent ready {}, process started {}, process ended {}, exit {}{}",
             ms(Some(self.t_root)),
             ms(Some(t_plan)),
             ms(Some(t_vm)),
             ms(t_ready),
             ms(t_process.started),
             ms(t_process.ended),
-            ms(Some(crate::timing::since_start()))
+            ms(Some(crate::timing::since_start())),
+            guest_timings(boot, t_process.guest)
         );
         let ended = |code, error: Option<String>, process_exited| Ended {
             code,
@@ -574,4 +576,23 @@ fn new_run_dir() -> Result<RunDir, String> {
         .create(&dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(RunDir(dir))
+}
+
+/// The agent's stage times for `--timings`, on the guest's own clock (from its kernel's start,
+/// so they do not line up with the host's figures): empty when the agent sent none.
+fn guest_timings(boot: Option<proto::BootStages>, start: Option<proto::StartStages>) -> String {
+    let Some(boot) = boot else {
+        return String::new();
+    };
+    let mut out = format!(
+        "; guest clock since its kernel began: agent started {} ms, hello {} ms",
+        boot.init, boot.hello
+    );
+    if let Some(s) = start {
+        out.push_str(&format!(
+            ", request {} ms, root ready {} ms, process started {} ms",
+            s.run, s.root, s.started
+        ));
+    }
+    out
 }

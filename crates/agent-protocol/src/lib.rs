@@ -31,7 +31,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; both sides must agree exactly.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Kernel command-line key carrying the protocol version the host speaks.
 pub const CMDLINE_VERSION_KEY: &str = "microvm.proto";
 /// Kernel command-line key carrying the host vsock port the agent connects to.
@@ -379,6 +379,27 @@ impl StartFailure {
     }
 }
 
+/// The agent's start-up stages as milliseconds of the guest's boot clock (`CLOCK_BOOTTIME`,
+/// which starts with the guest kernel), for `--timings`: where the guest's own time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootStages {
+    /// The agent (PID 1) began: the kernel's own boot is over.
+    pub init: u64,
+    /// Its basic filesystems are mounted and it is connected to the host (saying hello).
+    pub hello: u64,
+}
+
+/// The container process's set-up stages, on the same guest clock as [`BootStages`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartStages {
+    /// The host's [`Message::Run`] arrived.
+    pub run: u64,
+    /// The root, network and volumes were ready (stream connections opened next).
+    pub root: u64,
+    /// The process was started.
+    pub started: u64,
+}
+
 /// Control messages, both directions.
 // A few messages per run, each serialized at once: the size of the largest variant costs
 // nothing worth a box.
@@ -389,6 +410,9 @@ pub enum Message {
     Hello {
         /// The agent's protocol version.
         version: u32,
+        /// When the guest reached the agent and the hello (absent: zero).
+        #[serde(default)]
+        boot: BootStages,
     },
     /// Host -> agent: versions differ; the agent powers off.
     Refused {
@@ -401,6 +425,9 @@ pub enum Message {
     Started {
         /// Its pid in the guest.
         pid: i32,
+        /// For the container's own process: where the agent's time went before it started.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stages: Option<StartStages>,
     },
     /// Agent -> host: the process could not start.
     StartFailed {
@@ -657,10 +684,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old.options, ProcessOptions::default());
+        // A v6 agent's hello (no stages) still reads, so the host can refuse it by version.
+        let hello: Message = serde_json::from_str(r#"{"Hello":{"version":6}}"#).unwrap();
+        assert_eq!(
+            hello,
+            Message::Hello {
+                version: 6,
+                boot: BootStages::default()
+            }
+        );
         assert!(!old.wait_start && old.shared_root.is_none());
+        let boot = BootStages {
+            init: 700,
+            hello: 740,
+        };
+        let stages = StartStages {
+            run: 741,
+            root: 780,
+            started: 790,
+        };
         let mut wire = Vec::new();
         for m in [
-            Message::Hello { version: VERSION },
+            Message::Hello {
+                version: VERSION,
+                boot,
+            },
+            Message::Started {
+                pid: 7,
+                stages: Some(stages),
+            },
+            Message::Started {
+                pid: 8,
+                stages: None,
+            },
             Message::Run(spec),
             Message::Run(oci.clone()),
             Message::Created,
@@ -671,7 +727,27 @@ mod tests {
             send(&mut wire, &m).unwrap();
         }
         let mut r = &wire[..];
-        assert_eq!(recv(&mut r).unwrap(), Message::Hello { version: VERSION });
+        assert_eq!(
+            recv(&mut r).unwrap(),
+            Message::Hello {
+                version: VERSION,
+                boot
+            }
+        );
+        assert_eq!(
+            recv(&mut r).unwrap(),
+            Message::Started {
+                pid: 7,
+                stages: Some(stages)
+            }
+        );
+        assert_eq!(
+            recv(&mut r).unwrap(),
+            Message::Started {
+                pid: 8,
+                stages: None
+            }
+        );
         assert!(matches!(recv(&mut r).unwrap(), Message::Run(s) if s.tty && s.argv.len() == 3));
         assert_eq!(recv(&mut r).unwrap(), Message::Run(oci));
         assert_eq!(recv(&mut r).unwrap(), Message::Created);

@@ -197,7 +197,10 @@ fn exec(mut conn: UnixStream, job: Job, hostname: &str) {
     if spec.detach {
         // No streams, no status: it runs on by itself, and the reaper drops its status.
         let message = match process::start(&Proc::exec(spec, hostname), None, true) {
-            Ok((running, _)) => Message::Started { pid: running.pid },
+            Ok((running, _)) => Message::Started {
+                pid: running.pid,
+                stages: None,
+            },
             Err((kind, message)) => Message::StartFailed { kind, message },
         };
         let _ = proto::send(&mut conn, &message);
@@ -215,7 +218,11 @@ fn exec(mut conn: UnixStream, job: Job, hostname: &str) {
     };
     let _ = conn.set_read_timeout(None);
     if let Job::Diff { pause } = job {
-        if proto::send(&mut conn, &Message::Started { pid: 1 }).is_err() {
+        let started = Message::Started {
+            pid: 1,
+            stages: None,
+        };
+        if proto::send(&mut conn, &started).is_err() {
             return;
         }
         let Streams { stdout, stderr, .. } = streams;
@@ -244,7 +251,7 @@ fn exec(mut conn: UnixStream, job: Job, hostname: &str) {
         }
     };
     let pid = running.pid;
-    if process::send(&mut conn, &Message::Started { pid }).is_err() {
+    if process::send(&mut conn, &Message::Started { pid, stages: None }).is_err() {
         return;
     }
     let master = running.master.as_ref().and_then(|m| process::dup(m).ok());

@@ -31,11 +31,12 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, Vsock
 const HOST_CID: u32 = 2;
 
 fn main() {
+    let init = boot_ms();
     if std::process::id() != 1 {
         eprintln!("microvm-init: must run as PID 1");
         std::process::exit(1);
     }
-    if let Err(e) = run() {
+    if let Err(e) = run(init) {
         log(&format!("error: {e}"));
     }
     system::power_off();
@@ -46,7 +47,15 @@ pub fn log(msg: &str) {
     eprintln!("microvm-init: {msg}");
 }
 
-fn run() -> Result<(), String> {
+/// Milliseconds since the guest kernel started (its boot clock), for the host's `--timings`.
+pub fn boot_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// `init`: [`boot_ms`] when PID 1 began.
+fn run(init: u64) -> Result<(), String> {
     system::mount_basics()?;
     let cmdline =
         std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?;
@@ -58,6 +67,10 @@ fn run() -> Result<(), String> {
         &mut control,
         &proto::Message::Hello {
             version: proto::VERSION,
+            boot: proto::BootStages {
+                init,
+                hello: boot_ms(),
+            },
         },
     )
     .map_err(|e| e.to_string())?;
@@ -68,6 +81,10 @@ fn run() -> Result<(), String> {
             return Err(format!("host refused the agent: {reason}"))
         }
         other => return Err(format!("unexpected first message from the host: {other:?}")),
+    };
+    let mut stages = proto::StartStages {
+        run: boot_ms(),
+        ..Default::default()
     };
     let hostname = if spec.hostname.is_empty() {
         "microvm".to_string()
@@ -81,6 +98,7 @@ fn run() -> Result<(), String> {
     // A root, mount or network that cannot be made fails the start with its reason, as runc's
     // would.
     let setup = prepare_root(&spec, &hostname);
+    stages.root = boot_ms();
 
     let streams = process::Streams {
         stdin: open_stream(port, proto::Stream::Stdin)?,
@@ -95,7 +113,7 @@ fn run() -> Result<(), String> {
     if let Err(e) = exec::listen(hostname) {
         log(&e);
     }
-    process::run(&spec, streams, &mut control)
+    process::run(&spec, streams, &mut control, stages)
 }
 
 /// Assembles the container's root with its volumes, mounts and network (`hostname` named in

@@ -118,7 +118,12 @@ impl Running {
 
 /// Runs the container's process to its end and reports it on `control`, then waits for the
 /// host's go-ahead to power off.
-pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result<(), String> {
+pub fn run(
+    spec: &RunSpec,
+    streams: Streams,
+    control: &mut UnixStream,
+    mut stages: proto::StartStages,
+) -> Result<(), String> {
     let mut proc = Proc::container(spec);
     if spec.wait_start {
         if let Err((kind, message)) = prepare(&proc) {
@@ -144,7 +149,14 @@ pub fn run(spec: &RunSpec, streams: Streams, control: &mut UnixStream) -> Result
         }
         Ok((running, _)) => {
             let pid = running.pid;
-            send(control, &Message::Started { pid })?;
+            stages.started = crate::boot_ms();
+            send(
+                control,
+                &Message::Started {
+                    pid,
+                    stages: Some(stages),
+                },
+            )?;
             spawn_control_reader(
                 control,
                 Some((pid, running.master.as_ref().map(dup).transpose()?)),
