@@ -1,8 +1,9 @@
-//! The vhost-user connection to the backend (virtiofsd): feature negotiation when the VM is
-//! built, and starting and stopping the rings when the guest driver activates or resets the
-//! device. Every call is a synchronous round trip on the socket.
+//! The vhost-user connection to the backend (virtiofsd): feature negotiation, run on a thread of
+//! its own from the VM's build on ([`Handshake`]) so that a backend still starting up does not
+//! hold up the VM, and starting and stopping the rings when the guest driver activates or resets
+//! the device. Every call is a synchronous round trip on the socket.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,7 +27,9 @@ pub const NUM_QUEUES: usize = 2;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Ring features the backend implements (it walks the rings, not us), so the guest may have them.
-const RING_FEATURES: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC | 1 << VIRTIO_RING_F_EVENT_IDX;
+/// Offered before the backend has answered (every virtiofsd has both); a backend without one the
+/// driver accepted fails the activation (see [`Backend::missing_ring_features`]).
+pub const RING_FEATURES: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC | 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// vhost-user's own bit in GET_FEATURES: the backend speaks protocol features, and rings start
 /// disabled until SET_VRING_ENABLE.
@@ -70,6 +73,9 @@ pub enum BackendError {
         "the backend serves {0} queues; virtio-fs needs {NUM_QUEUES} (hiprio and a request queue)"
     )]
     TooFewQueues(u64),
+    /// The negotiation thread could not start or did not finish.
+    #[error("the vhost-user negotiation thread {0}")]
+    Thread(String),
     /// Guest RAM is private to us, so the backend cannot map it.
     #[error(
         "guest RAM at {0:#x} is not backed by a shared file; a VM with virtio-fs needs shared \
@@ -109,16 +115,13 @@ pub struct Backend {
 
 impl Backend {
     /// Connects to `socket`, takes ownership of the backend (SET_OWNER, once per connection) and
-    /// negotiates protocol features.
+    /// negotiates protocol features, waiting for the answers.
     pub fn connect(socket: &Path) -> Result<Self, BackendError> {
-        let connect_err = |source| BackendError::Connect {
-            socket: socket.to_owned(),
-            source,
-        };
-        let stream = UnixStream::connect(socket).map_err(connect_err)?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(connect_err)?;
+        Backend::negotiate(open(socket)?)
+    }
+
+    /// The negotiation on a connected socket.
+    fn negotiate(stream: UnixStream) -> Result<Self, BackendError> {
         let mut frontend = Frontend::from_stream(stream, NUM_QUEUES as u64);
         frontend.set_owner().map_err(request("SET_OWNER"))?;
         let features = frontend.get_features().map_err(request("GET_FEATURES"))?;
@@ -154,6 +157,11 @@ impl Backend {
     /// The virtio feature bits the guest may be offered (besides VIRTIO_F_VERSION_1).
     pub fn device_features(&self) -> u64 {
         self.features & RING_FEATURES
+    }
+
+    /// The ring features among `acked` that this backend does not implement (0: none).
+    pub fn missing_ring_features(&self, acked: u64) -> u64 {
+        acked & RING_FEATURES & !self.features
     }
 
     /// Hands the backend guest memory and the rings, and starts them: from here on the backend
@@ -226,6 +234,57 @@ impl Backend {
 impl AsRawFd for Backend {
     fn as_raw_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
+    }
+}
+
+/// Connects to the backend's socket (at once: the socket was made, listening, before the
+/// backend started), with a bound on every reply.
+fn open(socket: &Path) -> Result<UnixStream, BackendError> {
+    let connect_err = |source| BackendError::Connect {
+        socket: socket.to_owned(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(connect_err)?;
+    Ok(stream)
+}
+
+/// A connection whose negotiation runs on a thread of its own: the socket is connected when the
+/// VM is built, and the backend (still starting, when it was just spawned) answers while the
+/// VMM loads the kernel and the guest boots. [`Handshake::finish`] waits for the answers, when
+/// the guest's driver first needs the backend.
+pub struct Handshake {
+    thread: std::thread::JoinHandle<Result<Backend, BackendError>>,
+}
+
+impl Handshake {
+    /// Connects to `socket` now and starts negotiating; returns a second descriptor of the
+    /// connection too, to watch for the backend hanging up from the start.
+    pub fn start(socket: &Path) -> Result<(Handshake, OwnedFd), BackendError> {
+        let stream = open(socket)?;
+        let watch =
+            stream
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| BackendError::Connect {
+                    socket: socket.to_owned(),
+                    source,
+                })?;
+        let thread = std::thread::Builder::new()
+            .name("vhost-user-negotiation".into())
+            .spawn(move || Backend::negotiate(stream))
+            .map_err(|e| BackendError::Thread(format!("cannot start: {e}")))?;
+        Ok((Handshake { thread }, watch))
+    }
+
+    /// The negotiated backend, once the backend has answered (each reply within the reply
+    /// timeout).
+    pub fn finish(self) -> Result<Backend, BackendError> {
+        self.thread
+            .join()
+            .map_err(|_| BackendError::Thread("panicked".into()))?
     }
 }
 

@@ -4,12 +4,17 @@
 //! Guest kicks reach the backend directly: each queue's kick eventfd is the one the transport
 //! registers as KVM's ioeventfd. Completions come back through call eventfds that the device
 //! loop relays (see [`Fs::relay_call`]).
+//!
+//! The vhost-user negotiation runs while the VM starts (see [`Handshake`]); the device waits for
+//! it when the driver first activates it, by which time a backend started with the VM has long
+//! answered.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{Backend, NUM_QUEUES};
+use super::backend::{Backend, Handshake, NUM_QUEUES, RING_FEATURES};
 use super::config::{config_bytes, CONFIG_SIZE};
 use super::{rings, Error, FailureHook};
 use crate::devices::virtio::{
@@ -22,13 +27,24 @@ use crate::devices::virtio::{
 pub const QUEUE_SIZE: u16 = 1024;
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 
+/// Where the vhost-user connection stands.
+enum Link {
+    /// Negotiating on its own thread.
+    Negotiating(Handshake),
+    /// Negotiated.
+    Ready(Backend),
+    /// The negotiation failed (and was reported).
+    Failed,
+}
+
 /// A virtio-fs device whose file system is served by a vhost-user backend.
 pub struct Fs {
     tag: String,
     socket: PathBuf,
     config: [u8; CONFIG_SIZE],
-    backend: Backend,
-    features: u64,
+    link: Link,
+    /// A second descriptor of the vhost-user socket, watched for the backend hanging up.
+    watch: OwnedFd,
     /// Written by KVM (ioeventfd) when the driver kicks a queue; read by the backend.
     queue_events: [EventFd; NUM_QUEUES],
     /// Written by the backend when it used buffers; read by the device loop.
@@ -46,17 +62,18 @@ pub struct Fs {
 
 impl Fs {
     /// A device for the share `tag`, connected now (before the guest runs) to the backend
-    /// listening on `socket`. `on_failure` is told, once, if the backend fails later.
+    /// listening on `socket`, negotiating from now on. `on_failure` is told, once, if the backend
+    /// fails later (the negotiation included).
     pub fn new(tag: &str, socket: &Path, on_failure: FailureHook) -> Result<Self, Error> {
         let config = config_bytes(tag)?;
-        let backend = Backend::connect(socket)?;
+        let (handshake, watch) = Handshake::start(socket)?;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd);
         Ok(Fs {
             tag: tag.to_owned(),
             socket: socket.to_owned(),
             config,
-            features: backend.device_features(),
-            backend,
+            link: Link::Negotiating(handshake),
+            watch,
             queue_events: [evt()?, evt()?],
             calls: [evt()?, evt()?],
             interrupt: None,
@@ -71,8 +88,29 @@ impl Fs {
     }
 
     /// The vhost-user connection, for the device loop to watch for a hang-up.
-    pub(super) fn backend(&self) -> &Backend {
-        &self.backend
+    pub(super) fn watched_socket(&self) -> &OwnedFd {
+        &self.watch
+    }
+
+    /// Waits for the negotiation, the first time; afterwards the link is `Ready` or, if it
+    /// failed (reported once, here), `Failed`. Returns the failure's message.
+    fn negotiated(&mut self) -> Result<(), String> {
+        if let Link::Negotiating(_) = self.link {
+            let Link::Negotiating(handshake) = std::mem::replace(&mut self.link, Link::Failed)
+            else {
+                return Err("the vhost-user negotiation was lost".into());
+            };
+            match handshake.finish() {
+                Ok(backend) => self.link = Link::Ready(backend),
+                Err(e) => {
+                    return Err(self.backend_failed(&format!("cannot negotiate with it: {e}")))
+                }
+            }
+        }
+        match self.link {
+            Link::Ready(_) => Ok(()),
+            _ => Err(self.backend_failed("the vhost-user negotiation failed earlier in this VM")),
+        }
     }
 
     /// The call eventfd of queue `index`.
@@ -112,7 +150,7 @@ impl VirtioDevice for Fs {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        RING_FEATURES
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -142,12 +180,22 @@ impl VirtioDevice for Fs {
                 self.backend_failed("the backend failed earlier in this VM"),
             ));
         }
-        let acked = a.acked_features & (self.features | VIRTIO_F_VERSION_1);
+        let acked = a.acked_features & (RING_FEATURES | VIRTIO_F_VERSION_1);
+        self.negotiated().map_err(ActivateError::Backend)?;
+        let Link::Ready(backend) = &mut self.link else {
+            return Err(ActivateError::Backend(
+                "the backend is not negotiated".into(),
+            ));
+        };
+        let missing = backend.missing_ring_features(acked);
+        if missing != 0 {
+            return Err(ActivateError::Backend(self.backend_failed(&format!(
+                "it lacks ring features the driver accepted (bits {missing:#x})"
+            ))));
+        }
         // Set before the rings start; the device loop, which relays calls, waits for our lock.
         self.interrupt = Some(a.interrupt);
-        let started = self
-            .backend
-            .start(&a.mem, &vrings, &self.queue_events, &self.calls, acked);
+        let started = backend.start(&a.mem, &vrings, &self.queue_events, &self.calls, acked);
         if let Err(e) = started {
             self.interrupt = None;
             return Err(ActivateError::Backend(
@@ -159,7 +207,12 @@ impl VirtioDevice for Fs {
 
     fn reset(&mut self) {
         self.interrupt = None;
-        if let Err(e) = self.backend.stop() {
+        // Only an activated device is reset, so the negotiation is over (and reported if failed).
+        let stopped = match &mut self.link {
+            Link::Ready(backend) => backend.stop(),
+            _ => Ok(()),
+        };
+        if let Err(e) = stopped {
             self.backend_failed(&format!("cannot stop the backend for a device reset: {e}"));
         }
     }

@@ -30,7 +30,7 @@ impl MutEventSubscriber for Fs {
         // Not IN: replies are read by whoever sent the request. A hang-up (and an error) is
         // reported whatever we ask for; READ_HANG_UP adds the peer's shutdown of its side.
         watch(Events::with_data_raw(
-            self.backend().as_raw_fd(),
+            self.watched_socket().as_raw_fd(),
             SOCKET,
             EventSet::READ_HANG_UP,
         ));

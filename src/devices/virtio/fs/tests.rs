@@ -117,3 +117,54 @@ fn a_missing_backend_socket_is_named() {
     assert!(matches!(err, BackendError::Connect { .. }));
     assert!(err.to_string().contains("virtiofsd.sock"), "{err}");
 }
+
+#[test]
+fn a_backend_that_fails_the_negotiation_fails_activation_and_is_reported_once() {
+    use std::sync::{Arc, Mutex};
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::device::Fs;
+    use crate::devices::virtio::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+
+    let dir = TempDir::new("fs-badbackend");
+    let socket = dir.0.join("virtiofsd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // A "backend" that hangs up at once, before answering anything.
+    let hangup = std::thread::spawn(move || drop(listener.accept().unwrap()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = failures.clone();
+    // The device is made at once: the negotiation runs on its own thread.
+    let mut fs = Fs::new(
+        "share0",
+        &socket,
+        Box::new(move |m| seen.lock().unwrap().push(m)),
+    )
+    .unwrap();
+    hangup.join().unwrap();
+    let mem = shared_guest_memory(0x100_0000);
+    let offered = fs.features();
+    let activation = || Activation {
+        mem: mem.clone(),
+        queues: ready_queues(&mem),
+        interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        acked_features: VIRTIO_F_VERSION_1 | offered,
+    };
+    let a = activation();
+    let Err(ActivateError::Backend(msg)) = fs.activate(a) else {
+        panic!("activation with a failed negotiation succeeded");
+    };
+    assert!(
+        msg.contains("\"share0\"") && msg.contains("negotiate"),
+        "{msg}"
+    );
+    // Again: still refused, still reported only once.
+    let a = activation();
+    assert!(matches!(fs.activate(a), Err(ActivateError::Backend(_))));
+    assert_eq!(
+        failures.lock().unwrap().len(),
+        1,
+        "{:?}",
+        failures.lock().unwrap()
+    );
+}
