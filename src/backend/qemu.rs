@@ -1,8 +1,9 @@
 //! The `qemu` backend: the same VM plan run by QEMU's microvm machine under TCG (software
 //! emulation), for hosts whose KVM cannot boot our guest. vsock goes through QEMU's
-//! vhost-user-vsock device to our own vsock device served over vhost-user on threads of this
-//! process (the same code as our VMM's device); virtio-fs shares go through QEMU's vhost-user-fs device to the
-//! plan's virtiofsd sockets; guest RAM is a shared memfd as vhost-user requires.
+//! vhost-user-vsock device to our own vsock device, served over vhost-user on threads of this
+//! process (the same code as our VMM's device); virtio-fs shares go through QEMU's
+//! vhost-user-fs device to the plan's virtiofsd sockets; guest RAM is a shared memfd as
+//! vhost-user requires.
 //!
 //! QEMU does not treat TCG as a security boundary: callers must say so to the user.
 
@@ -26,6 +27,10 @@ use crate::plan::{Console, NetBackend, NetPlan, VmPlan};
 /// emulation. (Under KVM our VMM offers the TSC-deadline timer and the calibration is skipped,
 /// so the `kvm` backend needs no such option.)
 pub const CMDLINE_EXTRA: &str = "reboot=t noapictimer";
+
+/// How long QEMU may take to exit after it closed its vsock connection (it does so while it
+/// shuts down) before it counts as hung.
+const EXIT_AFTER_DISCONNECT: Duration = Duration::from_secs(5);
 
 /// virtio-mmio transports of QEMU's microvm machine without ACPI.
 pub const TRANSPORTS: usize = 8;
@@ -272,6 +277,7 @@ impl Qemu {
     /// never a hang.
     pub fn wait(mut self, timeout: Option<Duration>) -> Result<bool, String> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let mut disconnected = None;
         let result = loop {
             match self.qemu.try_wait() {
                 Ok(Some(_)) => break Ok(true),
@@ -279,13 +285,19 @@ impl Qemu {
                 Err(e) => break Err(format!("waiting for QEMU: {e}")),
             }
             if self.vsock.as_ref().is_some_and(|v| v.is_finished()) {
+                // The backend ends when QEMU hangs up, which QEMU does as it shuts down: give it
+                // time to finish exiting. A backend that failed stops the VM at once.
+                if let Some(Err(e)) = self.vsock.take().map(|v| v.stop()) {
+                    let _ = self.qemu.kill();
+                    let _ = self.qemu.wait();
+                    break Err(format!("the vsock backend failed while the VM ran: {e}"));
+                }
+                disconnected = Some(Instant::now());
+            }
+            if disconnected.is_some_and(|t| t.elapsed() >= EXIT_AFTER_DISCONNECT) {
                 let _ = self.qemu.kill();
                 let _ = self.qemu.wait();
-                let why = match self.vsock.take().map(|v| v.stop()) {
-                    Some(Err(e)) => e,
-                    _ => "QEMU left it".to_string(),
-                };
-                break Err(format!("the vsock backend ended while the VM ran: {why}"));
+                break Err("QEMU closed its vsock device but did not exit".to_string());
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let _ = self.qemu.kill();
