@@ -95,15 +95,14 @@ impl Fs {
     /// Waits for the negotiation, the first time; afterwards the link is `Ready` or, if it
     /// failed (reported once, here), `Failed`. Returns the failure's message.
     fn negotiated(&mut self) -> Result<(), String> {
-        if let Link::Negotiating(_) = self.link {
-            let Link::Negotiating(handshake) = std::mem::replace(&mut self.link, Link::Failed)
-            else {
-                return Err("the vhost-user negotiation was lost".into());
-            };
-            match handshake.finish() {
-                Ok(backend) => self.link = Link::Ready(backend),
-                Err(e) => {
-                    return Err(self.backend_failed(&format!("cannot negotiate with it: {e}")))
+        if matches!(self.link, Link::Negotiating(_)) {
+            // Taken out to be joined, leaving `Failed` unless it succeeds.
+            if let Link::Negotiating(handshake) = std::mem::replace(&mut self.link, Link::Failed) {
+                match handshake.finish() {
+                    Ok(backend) => self.link = Link::Ready(backend),
+                    Err(e) => {
+                        return Err(self.backend_failed(&format!("cannot negotiate with it: {e}")))
+                    }
                 }
             }
         }

@@ -13,15 +13,11 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::{Vsock, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use super::muxer::{SocketWatch, FIRST_CONN_TOKEN};
+use super::muxer::{socket_events, SocketWatch, FIRST_CONN_TOKEN};
 
 const LISTENER: u32 = 3;
 const WAKE: u32 = 4;
 const _: () = assert!(FIRST_CONN_TOKEN > WAKE);
-
-fn socket_events() -> EventSet {
-    EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
-}
 
 /// Event-manager as the muxer's socket watch.
 struct Ops<'a, 'b>(&'a mut EventOps<'b>);

@@ -31,10 +31,16 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// (guest port, host port).
 type Key = (u32, u32);
 
+/// What a muxer's sockets are watched for, in either event loop: edge-triggered readability,
+/// writability (credit to flush) and the peer's hang-up.
+pub fn socket_events() -> EventSet {
+    EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED
+}
+
 /// The event loop a muxer's sockets are watched by (event-manager for our VMM's device, a plain
 /// epoll for the vhost-user backend).
 pub trait SocketWatch {
-    /// Starts watching `fd` (edge-triggered, for reading and writing) under `token`.
+    /// Starts watching `fd` for [`socket_events`] under `token`.
     fn watch(&mut self, fd: RawFd, token: u32) -> io::Result<()>;
     /// Stops watching `stream`, which is closed right after.
     fn unwatch(&mut self, stream: &UnixStream) -> io::Result<()>;

@@ -18,7 +18,8 @@ use super::Vsock;
 use crate::devices::virtio::test_utils::{guest_memory, Buf, DriverQueue, TempDir};
 use crate::devices::virtio::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
-const CID: u64 = 3;
+/// The guest's CID in these tests (and the vhost-user backend's).
+pub(super) const CID: u64 = 3;
 const QSIZE: u16 = 256;
 const BUFS: u64 = 0x10_0000;
 
@@ -139,7 +140,8 @@ impl<'m> Guest<'m> {
     }
 }
 
-fn hdr(op: Op, src_port: u32, dst_port: u32) -> Header {
+/// A stream packet from the guest's `src_port` to the host's `dst_port`.
+pub(super) fn hdr(op: Op, src_port: u32, dst_port: u32) -> Header {
     Header {
         src_cid: CID,
         dst_cid: 2,

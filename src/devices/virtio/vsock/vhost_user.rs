@@ -25,7 +25,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::muxer::{Muxer, SocketWatch, FIRST_CONN_TOKEN};
+use super::muxer::{socket_events, Muxer, SocketWatch, FIRST_CONN_TOKEN};
 use super::rings::{move_packets, Rings};
 use super::unix::Listener;
 
@@ -87,11 +87,10 @@ struct EpollWatch<'a>(&'a Epoll);
 
 impl SocketWatch for EpollWatch<'_> {
     fn watch(&mut self, fd: RawFd, token: u32) -> io::Result<()> {
-        let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         self.0.ctl(
             ControlOperation::Add,
             fd,
-            EpollEvent::new(set, token.into()),
+            EpollEvent::new(socket_events(), token.into()),
         )
     }
 
@@ -379,10 +378,10 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::test_utils::{guest_memory, Buf, DriverQueue, TempDir};
-    use crate::devices::virtio::vsock::packet::{Header, Op, HDR_SIZE, TYPE_STREAM};
+    use crate::devices::virtio::vsock::packet::{Header, Op, HDR_SIZE};
+    use crate::devices::virtio::vsock::tests::{hdr, CID};
     use crate::devices::virtio::vsock::unix::port_path;
 
-    const CID: u64 = 3;
     const QSIZE: u16 = 128;
 
     /// QEMU's side: guest memory, the two rings it hands over, and where it hears calls.
@@ -473,19 +472,6 @@ mod tests {
         }
     }
 
-    fn request(src_port: u32, dst_port: u32) -> Header {
-        Header {
-            src_cid: CID,
-            dst_cid: 2,
-            src_port,
-            dst_port,
-            type_: TYPE_STREAM,
-            op: Op::Request as u16,
-            buf_alloc: 65536,
-            ..Header::default()
-        }
-    }
-
     fn setup(name: &str) -> (TempDir, GuestMemoryMmap, GuestMemoryAtomic<GuestMemoryMmap>) {
         let mem = guest_memory(0x100_0000);
         let atomic = GuestMemoryAtomic::new(mem.clone());
@@ -511,7 +497,7 @@ mod tests {
         let host = UnixListener::bind(port_path(&uds, 1024)).unwrap();
         let mut fe = Frontend::new(&mem, &atomic);
         fe.give_rx(4);
-        fe.send(request(5000, 1024));
+        fe.send(hdr(Op::Request, 5000, 1024));
         // Not running yet: nothing moves, nothing breaks.
         fe.event(&dev, 1);
         assert!(fe.received().is_empty());
