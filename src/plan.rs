@@ -80,7 +80,7 @@ pub struct VmPlan {
     pub vsock: Option<VsockPlan>,
     /// Block devices, in the order they are attached.
     pub disks: Vec<DiskPlan>,
-    /// virtio-fs shares, attached after the disks. Guest RAM is a shared memfd when there is
+    /// virtio-fs shares, attached after the disks. Guest RAM is a shared file when there is
     /// any, since the backends must map it.
     pub shares: Vec<FsPlan>,
     /// The network device, attached last; `None` leaves the guest only loopback.

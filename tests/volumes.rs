@@ -376,3 +376,52 @@ fn a_dying_virtiofsd_ends_the_run_with_an_error() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_volume_server_that_cannot_start_stops_the_kvm_vm_built_meanwhile() {
+    let name = "a_volume_server_that_cannot_start_stops_the_kvm_vm_built_meanwhile";
+    let Some(k) = kernel_or_skip(name) else {
+        return;
+    };
+    if !kvm_or_skip(name) {
+        return;
+    }
+    // virtiofsd is spawned while our VMM builds the VM on its own thread; when it cannot be
+    // found, the VM (already built, perhaps running) is stopped and the run fails at once.
+    let (out, store) = test_images("volumes");
+    let d = shared_dir("vol-no-server");
+    let started = Instant::now();
+    let o = microvm()
+        .args([
+            "run",
+            "--hypervisor",
+            "kvm",
+            "--network",
+            "none",
+            "--timeout",
+            "300",
+        ])
+        .arg("--kernel")
+        .arg(&k)
+        .arg(vol(&d.0, "/data"))
+        .arg(format!("oci:{}", out.join("demo").display()))
+        .arg("true")
+        .env("MICROVM_ROOT", store)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &d.0)
+        .env("CARGO_HOME", &d.0)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("/data") && err.contains("cargo install virtiofsd"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}

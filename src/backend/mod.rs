@@ -125,18 +125,23 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// Builds and starts the VM with backend `h` (not `auto`). Call on the main thread: helper
-    /// processes are tied to the thread that starts them. The returned watch turns readable when
-    /// the VM has ended.
-    pub fn start(
+    /// Builds and starts the VM with backend `h` (not `auto`), calling `meanwhile` on this
+    /// thread as the VM is built: helpers such as virtiofsd start there, while our VMM loads the
+    /// kernel on its own thread (QEMU, which waits for its helpers as it starts, comes after).
+    /// Call on the main thread: helper processes are tied to the thread that starts them. If
+    /// `meanwhile` fails, the VM is stopped and its error returned. The returned watch turns
+    /// readable when the VM has ended.
+    pub fn start<T>(
         h: Hypervisor,
         plan: &VmPlan,
         run_dir: &Path,
-    ) -> Result<(RunningVm, VmWatch), String> {
+        meanwhile: impl FnOnce() -> Result<T, String>,
+    ) -> Result<(RunningVm, VmWatch, T), String> {
         let (watch, guard) = VmWatch::new().map_err(|e| format!("cannot watch the VM: {e}"))?;
         let timeout = plan.timeout;
-        let (waiter, stopper) = match h {
+        let (waiter, stopper, helpers) = match h {
             Hypervisor::Qemu => {
+                let helpers = meanwhile()?;
                 let q = qemu::Qemu::start(plan, run_dir).map_err(|e| e.to_string())?;
                 let pid = q.pid();
                 let waiter = std::thread::spawn(move || {
@@ -146,22 +151,52 @@ impl RunningVm {
                         false => Ok(VmEnd::TimedOut),
                     }
                 });
-                (waiter, Stopper::Qemu(pid))
+                (waiter, Stopper::Qemu(pid), helpers)
             }
             _ => {
-                let vm = kvm::build(plan).map_err(|e| e.to_string())?;
-                let (stop, pause) = (vm.stop_handle(), vm.pause_handle());
+                let (built_tx, built) = std::sync::mpsc::sync_channel(1);
+                let plan = plan.clone();
                 let waiter = std::thread::Builder::new()
                     .name("vmm".into())
                     .spawn(move || {
                         let _guard = guard;
+                        let vm = kvm::build(&plan).map_err(|e| e.to_string())?;
+                        // The receiver is only gone if the caller is; then nobody stops the VM.
+                        built_tx
+                            .send((vm.stop_handle(), vm.pause_handle()))
+                            .map_err(|_| "the VM's starter is gone".to_string())?;
                         kvm::run(vm).map_err(|e| e.to_string())
                     })
                     .map_err(|e| format!("cannot start the VMM thread: {e}"))?;
-                (waiter, Stopper::Kvm(stop, pause))
+                let helpers = meanwhile();
+                let vm = match built.recv() {
+                    Ok((stop, pause)) => RunningVm {
+                        waiter,
+                        stopper: Stopper::Kvm(stop, pause),
+                    },
+                    // The build failed (its thread sent nothing). A helper's failure comes
+                    // first: the VM may have failed for want of that helper (a share's socket
+                    // closed under it, say).
+                    Err(_) => {
+                        let built = match waiter.join() {
+                            Ok(Err(e)) => e,
+                            Ok(Ok(_)) => "the VM ended before it was built".into(),
+                            Err(_) => "the VMM thread panicked".into(),
+                        };
+                        return Err(helpers.err().unwrap_or(built));
+                    }
+                };
+                match helpers {
+                    Ok(helpers) => return Ok((vm, watch, helpers)),
+                    Err(e) => {
+                        vm.stop();
+                        let _ = vm.wait(Duration::from_secs(10));
+                        return Err(e);
+                    }
+                }
             }
         };
-        Ok((RunningVm { waiter, stopper }, watch))
+        Ok((RunningVm { waiter, stopper }, watch, helpers))
     }
 
     /// Stops the VM (the guest gets no say).

@@ -321,10 +321,11 @@ impl Launch {
             .iter()
             .map(|s| s.socket.as_path())
             .collect();
-        let shares = match volumes::Shares::start(&self.volumes, &sockets, &self.run_dir.0) {
-            Ok(s) => s,
-            Err(e) => return fail(e.to_string()),
-        };
+        let shares =
+            match volumes::ListeningShares::listen(&self.volumes, &sockets, &self.run_dir.0) {
+                Ok(s) => s,
+                Err(e) => return fail(e.to_string()),
+            };
         let network = match Network::prepare(&self.network, &self.run_dir.0) {
             Ok(n) => n,
             Err(e) => return fail(e.to_string()),
@@ -338,7 +339,11 @@ impl Launch {
             }
         }
         let t_plan = crate::timing::since_start();
-        let (vm, watch) = match RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0) {
+        // virtiofsd starts while the VM is built; its sockets already listen.
+        let started = RunningVm::start(self.hypervisor, &self.plan, &self.run_dir.0, || {
+            shares.spawn().map_err(|e| e.to_string())
+        });
+        let (vm, watch, shares) = match started {
             Ok(started) => started,
             Err(e) => {
                 network.abandon();

@@ -8,7 +8,7 @@ mod watch;
 
 pub use spec::{parse_all, Kind, Staged, Volume};
 pub use virtiofsd::{Virtiofsd, VIRTIOFSD_HINT};
-pub use watch::{Shares, Watch};
+pub use watch::{ListeningShares, Shares, Watch};
 
 /// Errors with volumes, worded for the person who typed the flag.
 #[derive(Debug, thiserror::Error)]

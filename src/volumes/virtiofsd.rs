@@ -83,75 +83,21 @@ impl Virtiofsd {
     /// staging directory and log. Call on the thread that outlives the VM (see
     /// [`die_with_parent`]).
     pub fn start(vol: &Volume, socket: &Path, dir: &Path) -> Result<Virtiofsd, Error> {
-        let err = |why: String| Error::Start {
-            target: vol.target.clone(),
-            why,
-        };
-        let bin = find("virtiofsd", VIRTIOFSD_HINT).map_err(|e| err(e.to_string()))?;
-        let listener = UnixListener::bind(socket)
-            .map_err(|e| err(format!("cannot listen on {}: {e}", socket.display())))?;
-        let log = dir.join("virtiofsd.log");
-        let log_file =
-            File::create(&log).map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
+        Self::listen(vol, socket, dir)?.spawn()
+    }
 
-        // What a staging directory holds: (name, source, read-only, recursive).
-        let entries: Vec<Staged> = match vol.kind {
-            Kind::Dir => Vec::new(),
-            Kind::File => vec![Staged {
-                name: SHARED_FILE_NAME.into(),
-                source: vol.source.clone(),
-                read_only: false,
-                recursive: false,
-            }],
-            Kind::Staged => vol.staged.clone(),
-        };
-        let shared = match vol.kind {
-            Kind::Dir => vol.source.clone(),
-            Kind::File | Kind::Staged => {
-                if !nix::unistd::geteuid().is_root() {
-                    return Err(err(format!(
-                        "{} needs root (it is staged with bind mounts)",
-                        match vol.kind {
-                            Kind::File => "a single-file volume",
-                            _ => "a bundle's root",
-                        }
-                    )));
-                }
-                let staging = dir.join("staging");
-                std::fs::create_dir(&staging)
-                    .map_err(|e| err(format!("mkdir {}: {e}", staging.display())))?;
-                staging
-            }
-        };
-        let mut cmd = Command::new(bin);
-        cmd.arg("--shared-dir")
-            .arg(&shared)
-            .arg(format!("--fd={LISTEN_FD}"))
-            .args(["--sandbox", sandbox(), "--cache"])
-            .arg(cache_policy())
-            .args(["--log-level", "warn", "--rlimit-nofile", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        if vol.read_only {
-            cmd.arg("--readonly");
-        }
-        let listen: OwnedFd = listener.into();
-        pass_fd(&mut cmd, listen.as_raw_fd());
-        if !entries.is_empty() {
-            stage(&mut cmd, &shared, &entries).map_err(err)?;
-        }
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| err(format!("cannot run virtiofsd: {e}")))?;
-        // Our copy of the listening socket goes now: if virtiofsd dies, connecting fails rather
-        // than waiting in a backlog nobody serves.
-        drop(listen);
-        Ok(Virtiofsd {
-            child: Some(child),
+    /// The first half of [`Virtiofsd::start`]: `socket` listens once this returns, so a frontend
+    /// may connect (and wait for answers) while virtiofsd is still to be spawned. Dropping the
+    /// result closes the socket, which fails such a connection.
+    pub fn listen(vol: &Volume, socket: &Path, dir: &Path) -> Result<Listening, Error> {
+        let listener = UnixListener::bind(socket).map_err(|e| Error::Start {
             target: vol.target.clone(),
-            log,
+            why: format!("cannot listen on {}: {e}", socket.display()),
+        })?;
+        Ok(Listening {
+            vol: vol.clone(),
+            dir: dir.to_owned(),
+            listen: listener.into(),
         })
     }
 
@@ -188,6 +134,88 @@ impl Virtiofsd {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A virtiofsd whose socket listens, still to be spawned ([`Virtiofsd::listen`]).
+pub struct Listening {
+    vol: Volume,
+    dir: PathBuf,
+    listen: OwnedFd,
+}
+
+impl Listening {
+    /// Spawns virtiofsd on the socket. Call on the thread that outlives the VM (see
+    /// [`die_with_parent`]).
+    pub fn spawn(self) -> Result<Virtiofsd, Error> {
+        let vol = &self.vol;
+        let err = |why: String| Error::Start {
+            target: vol.target.clone(),
+            why,
+        };
+        let bin = find("virtiofsd", VIRTIOFSD_HINT).map_err(|e| err(e.to_string()))?;
+        let log = self.dir.join("virtiofsd.log");
+        let log_file =
+            File::create(&log).map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
+
+        // What a staging directory holds: (name, source, read-only, recursive).
+        let entries: Vec<Staged> = match vol.kind {
+            Kind::Dir => Vec::new(),
+            Kind::File => vec![Staged {
+                name: SHARED_FILE_NAME.into(),
+                source: vol.source.clone(),
+                read_only: false,
+                recursive: false,
+            }],
+            Kind::Staged => vol.staged.clone(),
+        };
+        let shared = match vol.kind {
+            Kind::Dir => vol.source.clone(),
+            Kind::File | Kind::Staged => {
+                if !nix::unistd::geteuid().is_root() {
+                    return Err(err(format!(
+                        "{} needs root (it is staged with bind mounts)",
+                        match vol.kind {
+                            Kind::File => "a single-file volume",
+                            _ => "a bundle's root",
+                        }
+                    )));
+                }
+                let staging = self.dir.join("staging");
+                std::fs::create_dir(&staging)
+                    .map_err(|e| err(format!("mkdir {}: {e}", staging.display())))?;
+                staging
+            }
+        };
+        let mut cmd = Command::new(bin);
+        cmd.arg("--shared-dir")
+            .arg(&shared)
+            .arg(format!("--fd={LISTEN_FD}"))
+            .args(["--sandbox", sandbox(), "--cache"])
+            .arg(cache_policy())
+            .args(["--log-level", "warn", "--rlimit-nofile", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if vol.read_only {
+            cmd.arg("--readonly");
+        }
+        pass_fd(&mut cmd, self.listen.as_raw_fd());
+        if !entries.is_empty() {
+            stage(&mut cmd, &shared, &entries).map_err(err)?;
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| err(format!("cannot run virtiofsd: {e}")))?;
+        // Our copy of the listening socket goes now: if virtiofsd dies, connecting fails rather
+        // than waiting in a backlog nobody serves.
+        drop(self.listen);
+        Ok(Virtiofsd {
+            child: Some(child),
+            target: vol.target.clone(),
+            log,
+        })
     }
 }
 

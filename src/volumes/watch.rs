@@ -7,29 +7,49 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::virtiofsd::Virtiofsd;
+use super::virtiofsd::{Listening, Virtiofsd};
 use super::{Error, Volume};
 
 /// The running virtiofsd instances, before the VM starts.
 pub struct Shares(Vec<Virtiofsd>);
 
-impl Shares {
-    /// Starts one virtiofsd per volume; volume `i` listens on `sockets[i]` and keeps its
-    /// staging directory and log in `<run_dir>/fs<i>`. Call on the thread that outlives the VM.
-    pub fn start(volumes: &[Volume], sockets: &[&Path], run_dir: &Path) -> Result<Shares, Error> {
-        let mut running = Vec::with_capacity(volumes.len());
+/// The virtiofsd instances of one VM with their sockets listening, still to be spawned: a VM
+/// may be built (and connect) meanwhile. Dropped, every socket closes.
+pub struct ListeningShares(Vec<Listening>);
+
+impl ListeningShares {
+    /// Makes the socket of one virtiofsd per volume; volume `i` listens on `sockets[i]` and keeps its
+    /// staging directory and log in `<run_dir>/fs<i>`.
+    pub fn listen(
+        volumes: &[Volume],
+        sockets: &[&Path],
+        run_dir: &Path,
+    ) -> Result<ListeningShares, Error> {
+        let mut prepared = Vec::with_capacity(volumes.len());
         for (i, (vol, socket)) in volumes.iter().zip(sockets).enumerate() {
             let dir = run_dir.join(format!("fs{i}"));
             std::fs::create_dir(&dir).map_err(|e| Error::Start {
                 target: vol.target.clone(),
                 why: format!("mkdir {}: {e}", dir.display()),
             })?;
-            // On error, those already started are dropped: killed and reaped.
-            running.push(Virtiofsd::start(vol, socket, &dir)?);
+            prepared.push(Virtiofsd::listen(vol, socket, &dir)?);
+        }
+        Ok(ListeningShares(prepared))
+    }
+
+    /// Spawns them all. Call on the thread that outlives the VM.
+    pub fn spawn(self) -> Result<Shares, Error> {
+        let mut running = Vec::with_capacity(self.0.len());
+        for p in self.0 {
+            // On error, those already started are dropped (killed and reaped) and the rest's
+            // sockets closed.
+            running.push(p.spawn()?);
         }
         Ok(Shares(running))
     }
+}
 
+impl Shares {
     /// Watches every instance; `on_exit` gets a one-line reason if one exits by itself.
     pub fn watch(self, on_exit: impl Fn(String) + Send + Sync + 'static) -> Watch {
         let stopping = Arc::new(AtomicBool::new(false));

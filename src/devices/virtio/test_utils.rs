@@ -13,7 +13,7 @@ pub fn guest_memory(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
 }
 
-/// Guest RAM of `size` bytes at address 0 in a shared memfd, as vhost-user backends need it.
+/// Guest RAM of `size` bytes at address 0 in a shared file, as vhost-user backends need it.
 pub fn shared_guest_memory(size: usize) -> GuestMemoryMmap {
     crate::vmm::memory::create_shared(size as u64).unwrap()
 }
