@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use microvm_agent_protocol::{self as proto, ExecSpec, Message, Stream};
 
-use super::{join_pumps, relay, Control, Error, HostIo, Outcome};
+use super::{join_pumps, quoted, relay, Control, Error, HostIo, Outcome};
 
 /// How long connecting and the agent's first answers may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,7 +99,8 @@ fn run_first(
         Message::Refused { reason } => return Err(Error::Protocol(format!("refused: {reason}"))),
         other => {
             return Err(Error::Protocol(format!(
-                "expected an exec answer, got {other:?}"
+                "expected an exec answer, got {}",
+                quoted(&other)
             )))
         }
     };
@@ -128,7 +129,8 @@ fn run_first(
     on_control(Control::new(control));
     loop {
         match proto::recv(&mut reader) {
-            Ok(Message::Started { pid, .. }) => {
+            // Once only.
+            Ok(Message::Started { pid, .. }) if on_started.is_some() => {
                 tracing::debug!("exec started as guest pid {pid}");
                 if let Some(f) = on_started.take() {
                     f(pid);
@@ -145,7 +147,12 @@ fn run_first(
                 join_pumps(pumps)?;
                 return Ok(Outcome::Exited(status));
             }
-            Ok(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "unexpected message {}",
+                    quoted(&other)
+                )))
+            }
             Err(proto::Error::Closed) => return Err(Error::GuestEnded),
             Err(e) => return Err(e.into()),
         }
@@ -165,7 +172,8 @@ pub fn top(uds: &Path) -> Result<(Vec<String>, Vec<Vec<String>>), Error> {
         Message::Processes { titles, rows } => Ok((titles, rows)),
         Message::Refused { reason } => Err(Error::Protocol(format!("refused: {reason}"))),
         other => Err(Error::Protocol(format!(
-            "expected the process list, got {other:?}"
+            "expected the process list, got {}",
+            quoted(&other)
         ))),
     }
 }

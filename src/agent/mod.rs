@@ -20,6 +20,13 @@ use thiserror::Error;
 /// How long the agent may take to say hello on a connection it opened.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Control messages from the agent queued on the host at most (each at most
+/// [`proto::MAX_CONTROL_FRAME`] long).
+const CONTROL_QUEUE: usize = 4;
+
+/// Characters of a guest's message quoted in an error at most.
+const MAX_QUOTED: usize = 200;
+
 /// Errors of an agent session.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -217,7 +224,12 @@ impl Session {
                     host: proto::VERSION,
                 });
             }
-            other => return Err(Error::Protocol(format!("expected a hello, got {other:?}"))),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "expected a hello, got {}",
+                    quoted(&other)
+                )))
+            }
         };
         control.set_read_timeout(None)?;
         let ready = crate::timing::since_start();
@@ -253,11 +265,16 @@ impl Session {
 
         let pumps = relay(io, wants_stdin, [stdin_conn, stdout_conn, stderr_conn]);
 
-        let (tx, events) = mpsc::channel();
+        // Bounded: a guest that floods the control connection waits on its own socket buffer
+        // once these few messages are queued, instead of growing host memory. The reader stops
+        // at the first message after which the protocol allows no more (an end, or one that
+        // does not belong), so nothing is read past that point at all.
+        let (tx, events) = mpsc::sync_channel(CONTROL_QUEUE);
         let mut reader = control.try_clone()?;
         std::thread::spawn(move || {
             while let Ok(msg) = proto::recv(&mut reader) {
-                if tx.send(msg).is_err() {
+                let more = matches!(msg, Message::Created | Message::Started { .. });
+                if tx.send(msg).is_err() || !more {
                     return;
                 }
             }
@@ -304,24 +321,35 @@ impl Session {
         watch: &VmWatch,
         on_progress: &mut dyn FnMut(Progress),
     ) -> Result<(Outcome, ProcessTimes), Error> {
-        let (mut started, mut guest) = (None, None);
+        let (mut started, mut guest, mut created) = (None, None, false);
         let outcome = loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Message::Exited(status)) => break Outcome::Exited(status),
                 Ok(Message::StartFailed { kind, message }) => {
                     break Outcome::StartFailed { kind, message }
                 }
-                Ok(Message::Started { pid, stages }) => {
+                // Each once, creation first.
+                Ok(Message::Started { pid, stages }) if started.is_none() => {
                     started = Some(crate::timing::since_start());
                     guest = stages;
                     on_progress(Progress::Started(pid));
                 }
-                Ok(Message::Created) => on_progress(Progress::Created),
-                Ok(other) => return Err(Error::Protocol(format!("unexpected message {other:?}"))),
+                Ok(Message::Created) if !created && started.is_none() => {
+                    created = true;
+                    on_progress(Progress::Created);
+                }
+                Ok(other) => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected message {}",
+                        quoted(&other)
+                    )))
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) if !watch.ended() => {}
                 Err(_) => return Err(Error::GuestEnded),
             }
         };
+        // Nothing more is read from the control connection (see `start_with`).
+        drop(self.events);
         // The agent ends each stream before reporting the exit, so these finish promptly.
         join_pumps(self.pumps)?;
         let ended = Some(crate::timing::since_start());
@@ -334,6 +362,15 @@ impl Session {
                 guest,
             },
         ))
+    }
+}
+
+/// `msg` for an error message, cut short: a hostile agent's message may be a megabyte.
+fn quoted(msg: &Message) -> String {
+    let text = format!("{msg:?}");
+    match text.char_indices().nth(MAX_QUOTED) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
     }
 }
 
@@ -501,6 +538,108 @@ mod tests {
         assert_eq!(got_spec, spec);
         assert!(stdin.is_empty(), "no -i: the agent gets an empty stdin");
         assert_eq!(last, Message::Shutdown);
+    }
+
+    #[test]
+    fn a_guest_flooding_control_messages_after_its_exit_is_not_read() {
+        let path = socket_path();
+        let listener = Listener::bind(&path).unwrap();
+        let (watch, _guard) = VmWatch::new().unwrap();
+        let agent_path = path.clone();
+        let agent = std::thread::spawn(move || {
+            let mut control = fake_agent_hello(&agent_path, proto::VERSION);
+            proto::recv(&mut control).unwrap();
+            let [_stdin, mut stdout, mut stderr] = fake_agent_streams(&agent_path);
+            proto::write_frame(&mut stderr, &[]).unwrap();
+            proto::send(&mut control, &Message::Exited(ExitStatus::Code(0))).unwrap();
+            // stdout stays open while megabyte messages follow: the host must stop reading
+            // (the unbounded queue grew by a megabyte for each, about 2 GB for 2,000).
+            control
+                .set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let big = Message::StartFailed {
+                kind: StartFailure::Other,
+                message: "x".repeat(proto::MAX_CONTROL_FRAME - 100),
+            };
+            let sent = (0..64)
+                .take_while(|_| proto::send(&mut control, &big).is_ok())
+                .count();
+            proto::write_frame(&mut stdout, &[]).unwrap();
+            sent
+        });
+        let (out, err) = (Sink::default(), Sink::default());
+        let session =
+            Session::start(&listener, &watch, RunSpec::default(), io(&out, &err)).unwrap();
+        let outcome = session.finish(&watch).unwrap();
+        assert_eq!(outcome, Outcome::Exited(ExitStatus::Code(0)));
+        let sent = agent.join().unwrap();
+        assert!(
+            sent < 8,
+            "the host read {sent} MiB of messages after the exit"
+        );
+    }
+
+    #[test]
+    fn messages_out_of_order_end_the_session() {
+        for script in [
+            vec![
+                Message::Started {
+                    pid: 1,
+                    stages: None,
+                },
+                Message::Created,
+            ],
+            vec![
+                Message::Started {
+                    pid: 1,
+                    stages: None,
+                },
+                Message::Started {
+                    pid: 2,
+                    stages: None,
+                },
+            ],
+            vec![Message::Created, Message::Created],
+            vec![Message::Shutdown],
+        ] {
+            let path = socket_path();
+            let listener = Listener::bind(&path).unwrap();
+            let (watch, _guard) = VmWatch::new().unwrap();
+            let agent_path = path.clone();
+            let sent = script.clone();
+            let agent = std::thread::spawn(move || {
+                let mut control = fake_agent_hello(&agent_path, proto::VERSION);
+                proto::recv(&mut control).unwrap();
+                let conns = fake_agent_streams(&agent_path);
+                for m in &sent {
+                    proto::send(&mut control, m).unwrap();
+                }
+                (control, conns)
+            });
+            let (out, err) = (Sink::default(), Sink::default());
+            let session =
+                Session::start(&listener, &watch, RunSpec::default(), io(&out, &err)).unwrap();
+            let e = session.finish(&watch).err().unwrap();
+            assert!(
+                e.to_string().contains("unexpected message"),
+                "{script:?}: {e}"
+            );
+            drop(agent.join().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_huge_unexpected_message_is_quoted_short() {
+        let msg = Message::Refused {
+            reason: "y".repeat(1 << 20),
+        };
+        let q = quoted(&msg);
+        assert!(
+            q.len() < MAX_QUOTED + 10 && q.ends_with("..."),
+            "{}",
+            q.len()
+        );
+        assert_eq!(quoted(&Message::Created), "Created");
     }
 
     #[test]
