@@ -370,6 +370,7 @@ impl Store {
             Err(RewriteError::Input(e)) | Err(RewriteError::Output(e)) => {
                 return Err(Error::io("reading the container's changes", e))
             }
+            Err(RewriteError::Setting(reason)) => return Err(Error::Unsupported(reason)),
         }
         let hashing = gz.finish().map_err(write_err)?;
         let (digest, size, file) = hashing.finish();

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::digest::{Digest, HashingReader};
 use super::error::{Error, IoContext};
@@ -69,6 +70,50 @@ pub(crate) fn detect_compression<R: BufRead>(r: &mut R) -> io::Result<Compressio
     } else {
         Compression::None
     })
+}
+
+/// The setting for how long converting one layer may take, in minutes (default
+/// [`DEFAULT_TIME_LIMIT_MIN`]): a conversion past it fails and lets go of the layer's lock.
+pub const TIME_LIMIT_VAR: &str = "MICROVM_CONVERT_TIMEOUT_MIN";
+const DEFAULT_TIME_LIMIT_MIN: u64 = 60;
+
+/// How long converting one layer may take ([`TIME_LIMIT_VAR`]).
+pub(crate) fn time_limit() -> Result<Duration, Error> {
+    let Some(value) = std::env::var_os(TIME_LIMIT_VAR) else {
+        return Ok(Duration::from_secs(DEFAULT_TIME_LIMIT_MIN * 60));
+    };
+    value
+        .to_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&min| min > 0 && min <= 7 * 24 * 60)
+        .map(|min| Duration::from_secs(min * 60))
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{TIME_LIMIT_VAR}={value:?} is not valid: give a whole number of minutes, e.g. 60"
+            ))
+        })
+}
+
+/// A reader that fails once `deadline` has passed.
+struct Deadline<R> {
+    inner: R,
+    deadline: Instant,
+    limit: Duration,
+}
+
+impl<R: Read> Read for Deadline<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() > self.deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "converting took longer than {} minutes ({TIME_LIMIT_VAR})",
+                    self.limit.as_secs() / 60
+                ),
+            ));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// Finds tar2sqfs on PATH.
@@ -153,12 +198,20 @@ impl Failure {
                 err: RewriteError::Input(e),
             } => Error::HostileLayer {
                 digest,
-                reason: format!("not a readable tar after decompression: {e}"),
+                reason: if e.kind() == io::ErrorKind::TimedOut {
+                    e.to_string()
+                } else {
+                    format!("not a readable tar after decompression: {e}")
+                },
             },
             Failure::Layer {
                 digest,
                 err: RewriteError::Hostile(reason),
             } => Error::HostileLayer { digest, reason },
+            Failure::Layer {
+                err: RewriteError::Setting(reason),
+                ..
+            } => Error::Unsupported(reason),
         }
     }
 }
@@ -211,11 +264,16 @@ fn read_from<T>(
             reason: e.to_string(),
         })
     })?;
+    let limit = time_limit().map_err(Failure::Store)?;
     let result = (|| {
-        let mut decoder = compression
+        let decoder = compression
             .decoder(Box::new(&mut buffered) as Box<dyn BufRead>)
             .map_err(RewriteError::Input)?;
-        f(&mut decoder)
+        f(&mut Deadline {
+            inner: decoder,
+            deadline: Instant::now() + limit,
+            limit,
+        })
     })();
     let (actual, _) = buffered
         .into_inner()
@@ -331,4 +389,28 @@ fn keep_tail(mut r: impl Read) -> String {
     }
     let start = all.len().saturating_sub(STDERR_KEEP);
     String::from_utf8_lossy(&all[start..]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conversion_past_its_time_limit_fails_saying_so() {
+        let limit = Duration::from_secs(60);
+        let mut late = Deadline {
+            inner: io::repeat(0),
+            deadline: Instant::now() - Duration::from_millis(1),
+            limit,
+        };
+        let e = late.read(&mut [0; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains(TIME_LIMIT_VAR), "{e}");
+        let mut early = Deadline {
+            inner: io::repeat(0),
+            deadline: Instant::now() + limit,
+            limit,
+        };
+        assert_eq!(early.read(&mut [1; 16]).unwrap(), 16);
+    }
 }

@@ -35,6 +35,15 @@ const MAX_OCTAL_ID: u64 = 0o7_777_777;
 const MAX_OCTAL_SIZE: u64 = 0o77_777_777_777;
 /// Copy buffer for file data.
 const COPY_BUF: usize = 256 << 10;
+/// Memory one layer's checks may hold until its end (paths, their ancestors, held-back
+/// directories' attributes). A million files with 100-byte paths take about 170 MiB.
+const MAX_HELD: usize = 256 << 20;
+/// What one held key costs beyond its own bytes (hash table slot, allocation), roughly.
+const HELD_OVERHEAD: usize = 64;
+/// The setting for the most file data one layer may hold, in GiB (default
+/// [`DEFAULT_MAX_LAYER_GIB`]): a small compressed layer can claim any amount.
+pub(crate) const MAX_LAYER_SIZE_VAR: &str = "MICROVM_MAX_LAYER_GIB";
+const DEFAULT_MAX_LAYER_GIB: u64 = 64;
 
 /// Why a layer could not be rewritten.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +54,9 @@ pub(crate) enum RewriteError {
     /// The output (tar2sqfs's stdin) could not be written.
     #[error("cannot write the layer image: {0}")]
     Output(io::Error),
+    /// A setting of ours is not valid.
+    #[error("{0}")]
+    Setting(String),
     /// The layer holds something that cannot be represented safely.
     #[error("{0}")]
     Hostile(String),
@@ -100,6 +112,11 @@ struct Rewriter<'a, W: Write> {
     link_roots: HashMap<Vec<u8>, Vec<u8>>,
     /// The last directory chain checked, to skip re-walking siblings' parents.
     last_parent: Option<Vec<u8>>,
+    /// Memory held for checks so far (see [`Rewriter::hold`]).
+    held: usize,
+    /// File data so far, and the most allowed (from [`MAX_LAYER_SIZE_VAR`] unless set).
+    data: u64,
+    max_data: Option<u64>,
     summary: Summary,
 }
 
@@ -114,6 +131,9 @@ impl<'a, W: Write> Rewriter<'a, W> {
             links: Vec::new(),
             link_roots: HashMap::new(),
             last_parent: None,
+            held: 0,
+            data: 0,
+            max_data: None,
             summary: Summary::default(),
         };
         rw.dirs.insert(Vec::new(), Dir::default());
@@ -122,10 +142,24 @@ impl<'a, W: Write> Rewriter<'a, W> {
 
     /// Checks and records every entry of the layer tar `input`, writing non-directories.
     fn run<R: Read>(&mut self, input: R) -> Result<(), RewriteError> {
-        let mut archive = tar::Archive::new(input);
-        for entry in archive.entries().map_err(RewriteError::Input)? {
-            let entry = entry.map_err(RewriteError::Input)?;
-            self.entry(entry)?;
+        if self.max_data.is_none() {
+            self.max_data = Some(max_layer_data()?);
+        }
+        members::each(input, |member, data| self.entry(member, data))
+    }
+
+    /// Counts `bytes` more of memory held for checks until the layer's end; a layer needing
+    /// more than [`MAX_HELD`] is refused at `path`. (Deep paths are the way to it: every
+    /// ancestor of a path is a key of its own.)
+    fn hold(&mut self, bytes: usize, path: &[u8]) -> Result<(), RewriteError> {
+        self.held += bytes + HELD_OVERHEAD;
+        if self.held > MAX_HELD {
+            return Err(hostile(format!(
+                "the layer's paths need more than {} MiB of memory to check (at {}): too many \
+                 entries, too deep or with too many attributes",
+                MAX_HELD >> 20,
+                show(path)
+            )));
         }
         Ok(())
     }
@@ -139,18 +173,14 @@ impl<'a, W: Write> Rewriter<'a, W> {
         }
     }
 
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), RewriteError> {
-        let raw = entry.path_bytes().into_owned();
-        let etype = entry.header().entry_type();
-        if matches!(etype, EntryType::XGlobalHeader) {
-            return Ok(());
-        }
-        let path = sanitize(&raw)?;
+    fn entry(&mut self, member: Member, data: &mut dyn Read) -> Result<(), RewriteError> {
+        let etype = member.etype;
+        let path = sanitize(&member.path)?;
         let (parent, name) = split_parent(&path);
         if let Some(target) = name.strip_prefix(b".wh.") {
             return self.whiteout(&path, parent, target);
         }
-        let meta = self.meta(&mut entry)?;
+        let meta = self.meta(&member);
         match etype {
             EntryType::Directory => {
                 if self.nondirs.contains(&path) {
@@ -160,17 +190,29 @@ impl<'a, W: Write> Rewriter<'a, W> {
                     )));
                 }
                 self.ensure_dirs(&path, &path)?;
+                // Held back to the end, attributes and all.
+                let attrs = meta.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+                self.hold(attrs, &path)?;
                 if let Some(d) = self.dirs.get_mut(&path) {
                     d.meta = Some(meta);
                 }
                 Ok(())
             }
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+            EntryType::Regular | EntryType::Continuous => {
                 self.claim(&path, parent)?;
+                let size = member.size;
+                self.data = self.data.saturating_add(size);
+                let max = self.max_data.unwrap_or(u64::MAX);
+                if self.data > max {
+                    return Err(hostile(format!(
+                        "the layer holds more than {max} bytes of file data (at {}): set \
+                         {MAX_LAYER_SIZE_VAR} higher (GiB) to convert it",
+                        show(&path)
+                    )));
+                }
                 let Some(dest) = self.place(&path) else {
                     return Ok(());
                 };
-                let size = entry.size();
                 self.out.write(
                     &dest,
                     EntryType::Regular,
@@ -178,16 +220,13 @@ impl<'a, W: Write> Rewriter<'a, W> {
                     None,
                     (0, 0),
                     size,
-                    Some(&mut entry),
+                    Some(data),
                 )?;
                 self.summary.entries += 1;
                 Ok(())
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
+                let target = member.link.clone().unwrap_or_default();
                 if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) {
                     return Err(hostile(format!(
                         "symlink {} has an empty or overlong target",
@@ -204,10 +243,7 @@ impl<'a, W: Write> Rewriter<'a, W> {
                 Ok(())
             }
             EntryType::Link => {
-                let raw_target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
+                let raw_target = member.link.clone().unwrap_or_default();
                 let target = sanitize(&raw_target)?;
                 if !self.nondirs.contains(&target) {
                     return Err(hostile(format!(
@@ -217,6 +253,7 @@ impl<'a, W: Write> Rewriter<'a, W> {
                     )));
                 }
                 self.claim(&path, parent)?;
+                self.hold(2 * (path.len() + target.len()), &path)?;
                 let root = self
                     .link_roots
                     .get(&target)
@@ -239,11 +276,7 @@ impl<'a, W: Write> Rewriter<'a, W> {
                 Ok(())
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                let h = entry.header();
-                let dev = (
-                    h.device_major().ok().flatten().unwrap_or(0),
-                    h.device_minor().ok().flatten().unwrap_or(0),
-                );
+                let dev = member.dev;
                 self.claim(&path, parent)?;
                 let Some(dest) = self.place(&path) else {
                     return Ok(());
@@ -276,6 +309,7 @@ impl<'a, W: Write> Rewriter<'a, W> {
         if target.is_empty() || target == b"." || target == b".." {
             return Err(hostile(format!("{} is not a valid whiteout", show(path))));
         }
+        self.hold(path.len(), path)?;
         self.whiteouts.push(join(parent, target));
         Ok(())
     }
@@ -292,6 +326,7 @@ impl<'a, W: Write> Rewriter<'a, W> {
             )));
         }
         self.ensure_dirs(parent, path)?;
+        self.hold(path.len(), path)?;
         if !self.nondirs.insert(path.to_vec()) {
             return Err(hostile(format!(
                 "{} appears twice in the layer",
@@ -319,6 +354,7 @@ impl<'a, W: Write> Rewriter<'a, W> {
                 )));
             }
             if !self.dirs.contains_key(prefix) {
+                self.hold(prefix.len(), for_path)?;
                 self.dirs.insert(prefix.to_vec(), Dir::default());
             }
             match next {
@@ -330,37 +366,23 @@ impl<'a, W: Write> Rewriter<'a, W> {
         Ok(())
     }
 
-    /// Mode, owner, mtime and xattrs of an entry, PAX records applied.
-    fn meta<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<Meta, RewriteError> {
-        let h = entry.header();
-        let corrupt = |e: io::Error| RewriteError::Input(e);
-        let mut meta = Meta {
-            mode: h.mode().map_err(corrupt)? & 0o7777,
-            uid: h.uid().map_err(corrupt)?,
-            gid: h.gid().map_err(corrupt)?,
-            mtime: h.mtime().unwrap_or(0),
-            xattrs: Vec::new(),
-        };
-        if let Some(pax) = entry.pax_extensions().map_err(RewriteError::Input)? {
-            for ext in pax {
-                let ext = ext.map_err(RewriteError::Input)?;
-                let Ok(key) = ext.key() else { continue };
-                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
-                        self.summary.dropped_overlay_xattrs += 1;
-                    } else if !name.is_empty() {
-                        meta.xattrs
-                            .push((name.to_string(), ext.value_bytes().to_vec()));
-                    }
-                } else if key == "mtime" {
-                    let v = ext.value().unwrap_or("0");
-                    let secs = v.split('.').next().unwrap_or("0");
-                    meta.mtime = secs.parse::<u64>().unwrap_or(0);
-                }
+    /// Mode, owner, mtime and xattrs of a member, the layer's own overlay xattrs dropped.
+    fn meta(&mut self, m: &Member) -> Meta {
+        let mut xattrs = Vec::with_capacity(m.xattrs.len());
+        for (name, value) in &m.xattrs {
+            if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+                self.summary.dropped_overlay_xattrs += 1;
+            } else {
+                xattrs.push((name.clone(), value.clone()));
             }
         }
-        meta.mtime = meta.mtime.min(u32::MAX as u64);
-        Ok(meta)
+        Meta {
+            mode: m.mode,
+            uid: m.uid,
+            gid: m.gid,
+            mtime: m.mtime.min(u32::MAX as u64),
+            xattrs,
+        }
     }
 
     /// Writes the held-back whiteouts and directories, then the end of the archive.
@@ -407,6 +429,23 @@ impl<'a, W: Write> Rewriter<'a, W> {
         self.out.finish()?;
         Ok(self.summary)
     }
+}
+
+/// The most file data one layer may hold, from [`MAX_LAYER_SIZE_VAR`].
+fn max_layer_data() -> Result<u64, RewriteError> {
+    let Some(value) = std::env::var_os(MAX_LAYER_SIZE_VAR) else {
+        return Ok(DEFAULT_MAX_LAYER_GIB << 30);
+    };
+    value
+        .to_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&gib| gib > 0 && gib < 1 << 33)
+        .map(|gib| gib << 30)
+        .ok_or_else(|| {
+            RewriteError::Setting(format!(
+                "{MAX_LAYER_SIZE_VAR}={value:?} is not valid: give a whole number of GiB, e.g. 64"
+            ))
+        })
 }
 
 fn hostile(msg: String) -> RewriteError {
@@ -613,8 +652,11 @@ fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     out.push(b'\n');
 }
 
+mod members;
 mod merge;
 #[cfg(test)]
 mod tests;
+
+use members::Member;
 
 pub(crate) use merge::{Merge, MergeWriter};

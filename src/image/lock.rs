@@ -2,7 +2,9 @@
 //! them when a process dies, so a `kill -9` never leaves the store locked.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -38,6 +40,43 @@ pub(crate) fn lock(path: &Path, mode: Mode) -> Result<FileLock, Error> {
         }
     }
 }
+
+/// [`lock`], but gives up after `max_wait` with an error that says a holder seems stuck: a
+/// holder that dies releases the lock at once, one that hangs (stopped, say) must not block
+/// every later run forever.
+pub(crate) fn lock_within(path: &Path, mode: Mode, max_wait: Duration) -> Result<FileLock, Error> {
+    let arg = match mode {
+        Mode::Shared => FlockArg::LockSharedNonblock,
+        Mode::Exclusive => FlockArg::LockExclusiveNonblock,
+    };
+    let deadline = Instant::now() + max_wait;
+    let mut file = open(path)?;
+    loop {
+        match Flock::lock(file, arg) {
+            Ok(l) => return Ok(FileLock(l)),
+            Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) if Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(POLL);
+            }
+            Err((_, Errno::EWOULDBLOCK | Errno::EINTR)) => {
+                return Err(Error::io(
+                    format!(
+                        "waiting {} s for {}: another microvm process holds it and seems stuck \
+                         (find it with `fuser {}`)",
+                        max_wait.as_secs(),
+                        path.display(),
+                        path.display()
+                    ),
+                    io::ErrorKind::TimedOut.into(),
+                ))
+            }
+            Err((_, e)) => return Err(Error::io(format!("locking {}", path.display()), e.into())),
+        }
+    }
+}
+
+/// How often [`lock_within`] tries again.
+const POLL: Duration = Duration::from_millis(20);
 
 /// Takes the lock on an already open file without waiting; `None` when someone else holds it.
 pub(crate) fn try_lock(file: File, mode: Mode, path: &Path) -> Result<Option<FileLock>, Error> {
@@ -77,6 +116,25 @@ mod tests {
         drop(held);
         let f = File::open(&p).unwrap();
         assert!(try_lock(f, Mode::Exclusive, &p).unwrap().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bounded_wait_gives_up_on_a_stuck_holder_and_wins_a_released_lock() {
+        let dir = std::env::temp_dir().join(format!("microvm-lock-wait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.lock");
+        let held = lock(&p, Mode::Exclusive).unwrap();
+        let started = Instant::now();
+        let e = lock_within(&p, Mode::Exclusive, Duration::from_millis(200)).unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(e.to_string().contains("seems stuck"), "{e}");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        lock_within(&p, Mode::Shared, Duration::from_secs(10)).unwrap();
+        releaser.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

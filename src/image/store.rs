@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use oci_spec::image::{Arch, ImageConfiguration, ImageManifest, Os};
 
@@ -719,10 +719,13 @@ impl Store {
 impl Store {
     /// The lock that makes one process at a time build the layer image `key` (a layer's hex
     /// digest, or a merge's key): a conversion from a stored blob, or a pull's streaming one.
+    /// A conversion ends within its time limit, so a holder past it (and a minute's grace) is
+    /// stuck and waiting on it is given up.
     pub(super) fn conversion_lock(&self, key: &str) -> Result<FileLock, Error> {
-        lock::lock(
+        lock::lock_within(
             &self.root.join("locks").join(format!("{key}.lock")),
             Mode::Exclusive,
+            super::layer_convert::time_limit()? + Duration::from_secs(60),
         )
     }
 

@@ -280,3 +280,157 @@ fn pax_record_lengths_count_themselves() {
         assert_eq!(len, out.len(), "value of {n} bytes");
     }
 }
+
+/// One raw 512-byte header (GNU format, so 'L', 'K' and 'S' are what they claim).
+fn raw_header(name: &[u8], kind: EntryType, size: u64) -> Vec<u8> {
+    let mut h = Header::new_gnu();
+    set_name(&mut h, name);
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(size);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// `data` padded to whole 512-byte blocks.
+fn blocks(data: &[u8]) -> Vec<u8> {
+    let mut v = data.to_vec();
+    v.resize(data.len().div_ceil(512) * 512, 0);
+    v
+}
+
+fn hostile_in(input: impl Read) -> String {
+    match rewrite(input, io::sink()) {
+        Err(RewriteError::Hostile(m)) => m,
+        Err(e) => panic!("expected a rejection, got {e}"),
+        Ok(s) => panic!("expected a rejection, got {s:?}"),
+    }
+}
+
+#[test]
+fn extension_headers_are_refused_by_their_claimed_size_before_being_read() {
+    // 512 MiB of zeros behind a PAX header: refused at its header, none of it buffered (the
+    // tar crate alone read it all into memory).
+    let huge = 512u64 << 20;
+    let pax = raw_header(b"././@PaxHeader", EntryType::XHeader, huge);
+    let m = hostile_in(io::Cursor::new(pax).chain(io::repeat(0).take(huge)));
+    assert!(m.contains("PAX header of 536870912 bytes"), "{m}");
+    for kind in [EntryType::GNULongName, EntryType::GNULongLink] {
+        let long = raw_header(b"././@LongLink", kind, 1 << 20);
+        let m = hostile_in(io::Cursor::new(long).chain(io::repeat(b'a').take(1 << 20)));
+        assert!(m.contains("GNU long") && m.contains("65536 allowed"), "{m}");
+    }
+}
+
+#[test]
+fn sparse_files_are_refused() {
+    let mut tar = raw_header(b"holes", EntryType::GNUSparse, 0);
+    tar.extend(vec![0; 1024]);
+    let m = hostile_in(&tar[..]);
+    assert!(m.contains("\"holes\" is a sparse file"), "{m}");
+    // The PAX flavours of sparse files (GNU.sparse.* records) too.
+    let mut records = Vec::new();
+    pax_record(&mut records, "GNU.sparse.major", b"1");
+    let mut tar = raw_header(b"././@PaxHeader", EntryType::XHeader, records.len() as u64);
+    tar.extend(blocks(&records));
+    tar.extend(raw_header(b"holes", EntryType::Regular, 0));
+    tar.extend(vec![0; 1024]);
+    assert!(hostile_in(&tar[..]).contains("sparse"));
+}
+
+#[test]
+fn a_pax_size_over_a_zero_header_size_is_the_files_size() {
+    // How Go's archive/tar and Python's tarfile write a file too big for the header's field.
+    let data = b"hello, world";
+    let mut records = Vec::new();
+    pax_record(&mut records, "size", data.len().to_string().as_bytes());
+    pax_record(&mut records, "path", b"dir/a-long-name");
+    let mut tar = raw_header(b"././@PaxHeader", EntryType::XHeader, records.len() as u64);
+    tar.extend(blocks(&records));
+    tar.extend(raw_header(b"short", EntryType::Regular, 0));
+    tar.extend(blocks(data));
+    tar.extend(raw_header(b"after", EntryType::Regular, 3));
+    tar.extend(blocks(b"abc"));
+    tar.extend(vec![0; 1024]);
+    let mut out = Vec::new();
+    rewrite(&tar[..], &mut out).unwrap();
+    let mut a = tar::Archive::new(&out[..]);
+    let mut files = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut body = Vec::new();
+        e.read_to_end(&mut body).unwrap();
+        files.push((String::from_utf8_lossy(&e.path_bytes()).into_owned(), body));
+    }
+    files.retain(|(p, _)| !p.ends_with('/'));
+    assert_eq!(
+        files,
+        [
+            ("dir/a-long-name".to_string(), data.to_vec()),
+            ("after".to_string(), b"abc".to_vec())
+        ]
+    );
+    // A PAX size and a different non-zero header size: two readings of one tar.
+    let mut tar = raw_header(b"././@PaxHeader", EntryType::XHeader, records.len() as u64);
+    tar.extend(blocks(&records));
+    tar.extend(raw_header(b"short", EntryType::Regular, 3));
+    tar.extend(blocks(data));
+    assert!(hostile_in(&tar[..]).contains("a header size of 3"));
+}
+
+#[test]
+fn extension_headers_must_describe_an_entry() {
+    let mut tar = raw_header(b"././@LongLink", EntryType::GNULongName, 4);
+    tar.extend(blocks(b"name"));
+    tar.extend(vec![0; 1024]);
+    assert!(hostile_in(&tar[..]).contains("describe no entry"));
+    let mut tar = Vec::new();
+    for _ in 0..2 {
+        tar.extend(raw_header(b"././@LongLink", EntryType::GNULongName, 4));
+        tar.extend(blocks(b"name"));
+    }
+    assert!(hostile_in(&tar[..]).contains("two GNU long names"));
+}
+
+#[test]
+fn deep_paths_cannot_take_unbounded_memory() {
+    // Every ancestor of a path is kept: a 4 KB path 2,000 directories deep costs 4 MB, and 200
+    // such entries took 900 MiB. Now the layer is refused once its checks hold 256 MiB.
+    let deep = "a/".repeat(2000);
+    let paths: Vec<Vec<u8>> = (0..200)
+        .map(|i| format!("{i}/{}", &deep[..deep.len() - 10]).into_bytes())
+        .collect();
+    let entries: Vec<In<'_>> = paths.iter().map(|p| ent(p, EntryType::Fifo)).collect();
+    let m = hostile_msg(&entries);
+    assert!(m.contains("more than 256 MiB of memory to check"), "{m}");
+}
+
+#[test]
+fn a_layer_over_its_data_cap_is_refused_naming_the_setting() {
+    let tar = layer(&[
+        In {
+            data: &[1; 600],
+            ..ent(b"a", EntryType::Regular)
+        },
+        In {
+            data: &[2; 600],
+            ..ent(b"b", EntryType::Regular)
+        },
+    ]);
+    let mut out = TarWriter::new(io::sink());
+    let mut rw = Rewriter::new(&mut out, None);
+    rw.max_data = Some(1000);
+    match rw.run(&tar[..]) {
+        Err(RewriteError::Hostile(m)) => {
+            assert!(
+                m.contains("more than 1000 bytes") && m.contains("\"b\""),
+                "{m}"
+            );
+            assert!(m.contains(MAX_LAYER_SIZE_VAR), "{m}");
+        }
+        other => panic!("{:?}", other.err()),
+    }
+}
