@@ -234,7 +234,11 @@ fn legacy_devices(
     )?;
     let i8042 = I8042::new(ResetLine(stop.clone()));
     pio.insert(Arc::new(Mutex::new(i8042)), I8042_DATA_PORT as u64, 5)?;
-    pio.insert(Arc::new(Mutex::new(BootMarker)), BOOT_MARKER_PORT as u64, 1)?;
+    pio.insert(
+        Arc::new(Mutex::new(BootMarker::default())),
+        BOOT_MARKER_PORT as u64,
+        1,
+    )?;
     Ok(Arc::new(pio))
 }
 

@@ -4,9 +4,15 @@
 use crate::devices::BusDevice;
 use crate::timing::Breakdown;
 
+/// Markers logged at most: a boot has a handful, and a guest writing the port in a loop must
+/// not fill the host's log.
+const MAX_LOGGED: u32 = 16;
+
 /// The marker port's device.
 #[derive(Default)]
-pub struct BootMarker;
+pub struct BootMarker {
+    logged: u32,
+}
 
 impl BusDevice for BootMarker {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
@@ -15,6 +21,11 @@ impl BusDevice for BootMarker {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let value = data.first().copied().unwrap_or(0);
-        tracing::info!("guest boot marker {value:#x} at {}", Breakdown::now());
+        self.logged = self.logged.saturating_add(1);
+        if self.logged <= MAX_LOGGED {
+            tracing::info!("guest boot marker {value:#x} at {}", Breakdown::now());
+        } else if self.logged == MAX_LOGGED + 1 {
+            tracing::info!("guest boot marker: {MAX_LOGGED} logged; no more are");
+        }
     }
 }

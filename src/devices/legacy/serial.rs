@@ -34,7 +34,8 @@ impl BusDevice for Serial {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
             if let Err(e) = self.uart.write(offset, *byte) {
-                tracing::warn!("serial console: {e:?}");
+                // Per byte the guest writes (a full disk fails them all): limited.
+                crate::guest_warn!("serial console: {e:?}");
             }
         }
     }
@@ -73,5 +74,41 @@ mod tests {
         let mut data = [0u8; 1];
         com1.read(5, &mut data);
         assert_ne!(data[0] & 0x20, 0, "transmitter holding register empty");
+    }
+
+    /// A console log on a full disk.
+    struct Full;
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_console_log_is_reported_a_few_times_not_per_byte() {
+        let log = Shared::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut com1 = Serial::new(IrqLine(irq), Box::new(Full));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..10_000 {
+                com1.write(0, b"x");
+            }
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines = text
+            .lines()
+            .filter(|l| l.contains("serial console"))
+            .count();
+        // 1, 2, 4, ... 8192: 14 lines (each says how many so far), where there were 10,000.
+        assert_eq!(lines, 14, "{text}");
+        assert!(text.contains("(8192 so far)"), "{text}");
     }
 }

@@ -121,7 +121,7 @@ impl Block {
             }
             Ok(false) => {}
             Err(QueueBroken(e)) => {
-                tracing::warn!(
+                crate::guest_warn!(
                     "virtio-blk {}: the guest driver broke the queue ({e}); the device needs a reset",
                     self.disk.path().display()
                 );
@@ -212,7 +212,7 @@ fn execute(
     match result {
         Ok(written) => (blk::VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-blk {}: {:?} of {} bytes at sector {} failed: {e}",
                 disk.path().display(),
                 req.kind,
@@ -234,7 +234,7 @@ fn copy_to_segments(mem: &GuestMemoryMmap, segments: &[Segment], bytes: &[u8]) -
         let n = (bytes.len() - done).min(s.len as usize);
         // Checked by the parser to lie in guest RAM; a failure would leave the rest unwritten.
         if let Err(e) = mem.write_slice(&bytes[done..done + n], s.addr) {
-            tracing::warn!("virtio-blk: writing the id to guest memory failed: {e}");
+            crate::guest_warn!("virtio-blk: writing the id to guest memory failed: {e}");
             break;
         }
         done += n;
@@ -245,7 +245,7 @@ fn copy_to_segments(mem: &GuestMemoryMmap, segments: &[Segment], bytes: &[u8]) -
 fn finish(mem: &GuestMemoryMmap, at: vm_memory::GuestAddress, status: u8) {
     // Checked by the parser to lie in guest RAM.
     if let Err(e) = mem.write_obj(status, at) {
-        tracing::warn!("virtio-blk: writing a request status failed: {e}");
+        crate::guest_warn!("virtio-blk: writing a request status failed: {e}");
     }
 }
 

@@ -290,7 +290,7 @@ impl MmioTransport {
     }
 
     fn activation_failed(&mut self, why: &str) {
-        tracing::warn!(
+        crate::guest_warn!(
             "virtio device type {}: the guest driver's set-up was refused: {why}",
             self.device_type
         );

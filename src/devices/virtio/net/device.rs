@@ -377,7 +377,7 @@ impl Net {
     }
 
     fn queue_broken(&mut self, e: virtio_queue::Error) {
-        tracing::warn!(
+        crate::guest_warn!(
             "virtio-net: the guest driver broke a queue ({e}); the device needs a reset"
         );
         if let Some(a) = self.active.take() {

@@ -205,7 +205,7 @@ fn write_segments(mem: &GuestMemoryMmap, segments: &[Segment], src: &mut Source)
             let chunk = src.next_chunk(room);
             // Checked by the parser to lie in guest RAM, which never shrinks.
             if let Err(e) = mem.write_slice(chunk, at) {
-                tracing::warn!("virtio-net: writing a received frame to guest memory: {e}");
+                crate::guest_warn!("virtio-net: writing a received frame to guest memory: {e}");
                 return written;
             }
             written += chunk.len();

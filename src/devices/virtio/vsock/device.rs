@@ -82,7 +82,7 @@ impl Vsock {
                 }
             }
             Err(e) => {
-                tracing::warn!("vsock: {e}; the device needs a reset");
+                crate::guest_warn!("vsock: {e}; the device needs a reset");
                 a.interrupt.signal_needs_reset();
                 self.active = None;
                 self.muxer.clear();

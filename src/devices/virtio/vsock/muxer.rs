@@ -291,7 +291,7 @@ impl Muxer {
 
     fn connect_to_host(&mut self, hdr: &Header) {
         if self.full() {
-            tracing::warn!("vsock: {MAX_CONNECTIONS} connections open; refusing the guest's");
+            crate::guest_warn!("vsock: {MAX_CONNECTIONS} connections open; refusing the guest's");
             self.reply_reset(hdr);
             return;
         }

@@ -93,7 +93,7 @@ fn process_rx(
                     Ok(len) => len,
                     // Cannot happen (the buffer was checked), but never panic.
                     Err(e) => {
-                        tracing::warn!("vsock: packet lost writing guest memory: {e}");
+                        crate::guest_warn!("vsock: packet lost writing guest memory: {e}");
                         0
                     }
                 },

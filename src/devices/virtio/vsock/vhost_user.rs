@@ -193,7 +193,7 @@ impl VhostUserVsock {
                 }
             }
             Err(e) => {
-                tracing::warn!("vsock: {e}; the device stops until the guest resets it");
+                crate::guest_warn!("vsock: {e}; the device stops until the guest resets it");
                 s.broken = true;
                 s.muxer.clear();
             }
