@@ -71,6 +71,39 @@ pub fn runtime_dir() -> PathBuf {
     std::env::temp_dir().join(format!("microvm-{}", nix::unistd::geteuid()))
 }
 
+/// Makes `dir` (and its parents) if missing, then checks that it is a real directory (not a
+/// symlink) owned by us that nobody else may enter: in a shared temporary directory, another
+/// user could otherwise make it first and watch or replace our sockets and logs.
+pub fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let why = if !meta.file_type().is_dir() {
+        Some("is not a directory (a symlink?)".to_string())
+    } else if meta.uid() != me {
+        Some(format!(
+            "belongs to uid {}, not to us (uid {me})",
+            meta.uid()
+        ))
+    } else if meta.permissions().mode() & 0o077 != 0 {
+        Some(format!(
+            "has mode {:o}: others may use it (chmod 700 it, or remove it)",
+            meta.permissions().mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!("{} {why}", dir.display())),
+        None => Ok(()),
+    }
+}
+
 /// Where microvm looks for a guest kernel when `--kernel` is not given, in order.
 pub fn default_kernel_candidates() -> Vec<PathBuf> {
     let mut v = Vec::new();
@@ -161,4 +194,42 @@ pub fn info_report() -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_run_directory_must_be_ours_alone() {
+        let base = std::env::temp_dir().join(format!("microvm-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let mine = base.join("made/by/us");
+        private_dir(&mine).unwrap();
+        let mode = std::fs::metadata(&mine).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        private_dir(&mine).unwrap();
+
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = private_dir(&open).unwrap_err();
+        assert!(e.contains("others may use it"), "{e}");
+
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&mine, &link).unwrap();
+        let e = private_dir(&link).unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+
+        if nix::unistd::geteuid().is_root() {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(&theirs, Some(65534.into()), Some(65534.into())).unwrap();
+            let e = private_dir(&theirs).unwrap_err();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -143,7 +143,7 @@ fn run_first(
                 join_pumps(pumps)?;
                 return Ok(Outcome::StartFailed { kind, message });
             }
-            Ok(Message::Exited(status)) => {
+            Ok(Message::Exited(status)) if status.is_possible() => {
                 join_pumps(pumps)?;
                 return Ok(Outcome::Exited(status));
             }

@@ -324,7 +324,9 @@ impl Session {
         let (mut started, mut guest, mut created) = (None, None, false);
         let outcome = loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
-                Ok(Message::Exited(status)) => break Outcome::Exited(status),
+                Ok(Message::Exited(status)) if status.is_possible() => {
+                    break Outcome::Exited(status)
+                }
                 Ok(Message::StartFailed { kind, message }) => {
                     break Outcome::StartFailed { kind, message }
                 }
@@ -601,6 +603,9 @@ mod tests {
             ],
             vec![Message::Created, Message::Created],
             vec![Message::Shutdown],
+            // 128 + this overflowed.
+            vec![Message::Exited(ExitStatus::Signal(i32::MAX))],
+            vec![Message::Exited(ExitStatus::Code(-1))],
         ] {
             let path = socket_path();
             let listener = Listener::bind(&path).unwrap();

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::agent::VmWatch;
+use crate::helpers::ProcessHandle;
 use crate::plan::VmPlan;
 use crate::vmm::exit::{StopReason, StopSignal};
 use crate::vmm::pause::PauseGate;
@@ -69,8 +70,8 @@ pub fn cmdline_extra(h: Hypervisor) -> String {
 pub enum Stopper {
     /// Our VMM's stop signal and pause gate.
     Kvm(Arc<StopSignal>, Arc<PauseGate>),
-    /// QEMU's process id (our child, not reaped before the VM's waiter ends).
-    Qemu(u32),
+    /// The QEMU process (a pidfd: once its waiter has reaped it, signals go nowhere).
+    Qemu(ProcessHandle),
 }
 
 impl Stopper {
@@ -78,9 +79,8 @@ impl Stopper {
     pub fn stop(&self) {
         match self {
             Stopper::Kvm(stop, _) => stop.request(StopReason::HostSignal(libc::SIGKILL)),
-            Stopper::Qemu(pid) => {
-                // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
-                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            Stopper::Qemu(qemu) => {
+                let _ = qemu.signal(libc::SIGKILL);
             }
         }
     }
@@ -91,7 +91,7 @@ impl Stopper {
             Stopper::Kvm(_, gate) => gate.pause(),
             // The whole QEMU process stops, vCPU threads included; its vhost-user helpers
             // are processes of their own and only wait.
-            Stopper::Qemu(pid) => signal_qemu(*pid, libc::SIGSTOP),
+            Stopper::Qemu(qemu) => signal_qemu(qemu, libc::SIGSTOP),
         }
     }
 
@@ -102,20 +102,14 @@ impl Stopper {
                 gate.resume();
                 Ok(())
             }
-            Stopper::Qemu(pid) => signal_qemu(*pid, libc::SIGCONT),
+            Stopper::Qemu(qemu) => signal_qemu(qemu, libc::SIGCONT),
         }
     }
 }
 
-fn signal_qemu(pid: u32, sig: i32) -> Result<(), String> {
-    // SAFETY: sending a signal to our own child, which is not reaped until `wait`.
-    match unsafe { libc::kill(pid as i32, sig) } {
-        0 => Ok(()),
-        _ => Err(format!(
-            "cannot signal QEMU: {}",
-            std::io::Error::last_os_error()
-        )),
-    }
+fn signal_qemu(qemu: &ProcessHandle, sig: i32) -> Result<(), String> {
+    qemu.signal(sig)
+        .map_err(|e| format!("cannot signal QEMU: {e}"))
 }
 
 /// A VM running in the background while the caller talks to its agent.
@@ -143,7 +137,7 @@ impl RunningVm {
             Hypervisor::Qemu => {
                 let helpers = meanwhile()?;
                 let q = qemu::Qemu::start(plan, run_dir).map_err(|e| e.to_string())?;
-                let pid = q.pid();
+                let handle = q.handle();
                 let waiter = std::thread::spawn(move || {
                     let _guard = guard;
                     match q.wait(timeout)? {
@@ -151,7 +145,7 @@ impl RunningVm {
                         false => Ok(VmEnd::TimedOut),
                     }
                 });
-                (waiter, Stopper::Qemu(pid), helpers)
+                (waiter, Stopper::Qemu(handle), helpers)
             }
             _ => {
                 let (built_tx, built) = std::sync::mpsc::sync_channel(1);

@@ -7,6 +7,7 @@
 //!
 //! QEMU does not treat TCG as a security boundary: callers must say so to the user.
 
+use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -17,7 +18,7 @@ use thiserror::Error;
 
 use crate::devices::virtio::net::tap;
 use crate::devices::virtio::vsock::vhost_user;
-use crate::helpers::{die_with_parent, find, pass_fd, Missing};
+use crate::helpers::{die_with_parent, find, pass_fd, Missing, ProcessHandle};
 use crate::plan::{Console, NetBackend, NetPlan, VmPlan};
 
 /// QEMU's microvm has no i8042: the guest resets by triple fault, which `-no-reboot` turns into
@@ -74,29 +75,33 @@ fn net_args(cmd: &mut Command, net: &NetPlan) -> Result<Option<OwnedFd>, Error> 
         NetBackend::Tap { name, netns } => {
             let fd = tap::open(name, netns.as_deref()).map_err(|e| Error::Net(e.to_string()))?;
             pass_fd(cmd, fd.as_raw_fd(), NET_FD);
-            (format!("tap,id=net0,fd={NET_FD},vhost=off"), Some(fd))
+            (
+                format!("tap,id=net0,fd={NET_FD},vhost=off").into(),
+                Some(fd),
+            )
         }
         NetBackend::OpenTap { fd, .. } => {
             pass_fd(cmd, fd.0.as_raw_fd(), NET_FD);
-            (format!("tap,id=net0,fd={NET_FD},vhost=off"), None)
+            (format!("tap,id=net0,fd={NET_FD},vhost=off").into(), None)
         }
         NetBackend::Connected(shared) => {
             pass_fd(cmd, shared.0.as_raw_fd(), NET_FD);
             (
-                format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+                format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}").into(),
                 None,
             )
         }
         NetBackend::Stream { socket } => (
-            format!(
-                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-                opt_value(&socket.to_string_lossy())
+            opt_path(
+                "stream,id=net0,server=off,addr.type=unix,addr.path=",
+                socket,
+                "",
             ),
             None,
         ),
     };
     let mac = microvm_agent_protocol::mac_text(&net.mac);
-    cmd.args(["-netdev", &netdev]).args([
+    cmd.arg("-netdev").arg(&netdev).args([
         "-device",
         &format!(
             "virtio-net-device,netdev=net0,mac={mac},host_mtu={}",
@@ -109,6 +114,7 @@ fn net_args(cmd: &mut Command, net: &NetPlan) -> Result<Option<OwnedFd>, Error> 
 /// A running QEMU and the vsock backend serving it.
 pub struct Qemu {
     qemu: Child,
+    handle: ProcessHandle,
     vsock: Option<vhost_user::Server>,
 }
 
@@ -130,20 +136,39 @@ fn opt_value(value: &str) -> String {
     value.replace(',', ",,")
 }
 
+/// `before`, then `path` as an option value (commas doubled, byte for byte: a path need not be
+/// UTF-8, and a lossy copy would name another file), then `after`.
+fn opt_path(before: &str, path: &Path, after: &str) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = before.as_bytes().to_vec();
+    for &b in path.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    out.extend_from_slice(after.as_bytes());
+    OsString::from_vec(out)
+}
+
 /// A vhost-user socket chardev and a vhost-user-fs device per share, in plan order.
-fn share_args(plan: &VmPlan) -> Vec<String> {
+fn share_args(plan: &VmPlan) -> Vec<OsString> {
     let mut args = Vec::new();
     for (i, share) in plan.shares.iter().enumerate() {
-        args.push("-chardev".to_string());
-        args.push(format!(
-            "socket,id=fs{i},path={}",
-            opt_value(&share.socket.to_string_lossy())
+        args.push("-chardev".into());
+        args.push(opt_path(
+            &format!("socket,id=fs{i},path="),
+            &share.socket,
+            "",
         ));
-        args.push("-device".to_string());
-        args.push(format!(
-            "vhost-user-fs-device,chardev=fs{i},tag={}",
-            opt_value(&share.tag)
-        ));
+        args.push("-device".into());
+        args.push(
+            format!(
+                "vhost-user-fs-device,chardev=fs{i},tag={}",
+                opt_value(&share.tag)
+            )
+            .into(),
+        );
     }
     args
 }
@@ -163,13 +188,10 @@ impl Qemu {
                 &socket,
             )?);
             vsock_args = vec![
-                "-chardev".to_string(),
-                format!(
-                    "socket,id=vsock,path={}",
-                    opt_value(&socket.to_string_lossy())
-                ),
-                "-device".to_string(),
-                "vhost-user-vsock-device,chardev=vsock".to_string(),
+                "-chardev".into(),
+                opt_path("socket,id=vsock,path=", &socket, ""),
+                "-device".into(),
+                "vhost-user-vsock-device,chardev=vsock".into(),
             ];
         }
 
@@ -195,16 +217,20 @@ impl Qemu {
         let mut disk_args = Vec::new();
         for (i, d) in plan.disks.iter().enumerate() {
             let readonly = if d.read_only { "on" } else { "off" };
-            disk_args.push("-drive".to_string());
-            disk_args.push(format!(
-                "id=disk{i},file={},format=raw,if=none,readonly={readonly}",
-                d.path.display()
+            disk_args.push(OsString::from("-drive"));
+            disk_args.push(opt_path(
+                &format!("id=disk{i},file="),
+                &d.path,
+                &format!(",format=raw,if=none,readonly={readonly}"),
             ));
-            disk_args.push("-device".to_string());
-            disk_args.push(format!(
-                "virtio-blk-device,drive=disk{i},serial={}",
-                d.serial
-            ));
+            disk_args.push("-device".into());
+            disk_args.push(
+                format!(
+                    "virtio-blk-device,drive=disk{i},serial={}",
+                    opt_value(&d.serial)
+                )
+                .into(),
+            );
         }
         let mem = plan.memory_mib;
         let mut cmd = Command::new(qemu_bin);
@@ -269,7 +295,26 @@ impl Qemu {
                 });
             }
         };
-        Ok(Qemu { qemu, vsock })
+        let handle = match ProcessHandle::of(&qemu) {
+            Ok(h) => h,
+            Err(source) => {
+                let mut qemu = qemu;
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                if let Some(v) = vsock {
+                    let _ = v.stop();
+                }
+                return Err(Error::Spawn {
+                    program: "qemu-system-x86_64 (pidfd_open)",
+                    source,
+                });
+            }
+        };
+        Ok(Qemu {
+            qemu,
+            handle,
+            vsock,
+        })
     }
 
     /// Waits for QEMU to end (or `timeout`), then ends the vsock backend. Returns whether QEMU
@@ -314,9 +359,10 @@ impl Qemu {
         result
     }
 
-    /// The QEMU process id, to stop it from another thread.
-    pub fn pid(&self) -> u32 {
-        self.qemu.id()
+    /// A handle on the QEMU process, to stop or pause it from another thread (even after
+    /// [`Qemu::wait`] has reaped it: then it does nothing).
+    pub fn handle(&self) -> ProcessHandle {
+        self.handle.clone()
     }
 }
 
@@ -362,6 +408,18 @@ mod tests {
                 "-device",
                 "vhost-user-fs-device,chardev=fs1,tag=a,,b",
             ]
+        );
+    }
+
+    #[test]
+    fn paths_in_option_lists_double_their_commas_byte_for_byte() {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        // Once `file=/x,readonly=off` would have made a read-only disk writable.
+        let path = Path::new(std::ffi::OsStr::from_bytes(b"/d/a,readonly=off,\xff.img"));
+        let arg = opt_path("id=disk0,file=", path, ",readonly=on");
+        assert_eq!(
+            arg.into_vec(),
+            b"id=disk0,file=/d/a,,readonly=off,,\xff.img,readonly=on".to_vec()
         );
     }
 }

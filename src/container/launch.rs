@@ -555,11 +555,7 @@ fn pack_rootfs(dir: &Path, run_dir: &Path, memory_mib: u64) -> Result<PathBuf, S
 fn new_run_dir() -> Result<RunDir, String> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = crate::host::runtime_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    crate::host::private_dir(&parent)?;
     for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let pid = name

@@ -464,6 +464,10 @@ fn show(p: &[u8]) -> String {
 
 /// Normalises an archive path (see the module comment).
 pub(crate) fn sanitize(raw: &[u8]) -> Result<Vec<u8>, RewriteError> {
+    if raw.contains(&0) {
+        // No file name holds a NUL; tools that cut the name there would see another file.
+        return Err(hostile(format!("{} contains a NUL byte", show(raw))));
+    }
     let mut parts: Vec<&[u8]> = Vec::new();
     for c in raw.split(|&b| b == b'/') {
         match c {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use super::{Error, Kind, Staged, Volume};
-use crate::helpers::{die_with_parent, find};
+use crate::helpers::{die_with_parent, find, ProcessHandle};
 use microvm_agent_protocol::SHARED_FILE_NAME;
 
 /// How to install virtiofsd.
@@ -74,6 +74,7 @@ const LISTEN_FD: i32 = 3;
 /// A running virtiofsd, killed and reaped when dropped.
 pub struct Virtiofsd {
     child: Option<Child>,
+    handle: ProcessHandle,
     target: String,
     log: PathBuf,
 }
@@ -106,9 +107,9 @@ impl Virtiofsd {
         &self.target
     }
 
-    /// The process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+    /// A handle that signals this virtiofsd only, even once it has been reaped.
+    pub fn handle(&self) -> ProcessHandle {
+        self.handle.clone()
     }
 
     /// Waits for it to exit.
@@ -211,8 +212,18 @@ impl Listening {
         // Our copy of the listening socket goes now: if virtiofsd dies, connecting fails rather
         // than waiting in a backlog nobody serves.
         drop(self.listen);
+        let mut child = child;
+        let handle = match ProcessHandle::of(&child) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err(format!("cannot watch virtiofsd (pidfd_open): {e}")));
+            }
+        };
         Ok(Virtiofsd {
             child: Some(child),
+            handle,
             target: vol.target.clone(),
             log,
         })

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use super::virtiofsd::{Listening, Virtiofsd};
 use super::{Error, Volume};
+use crate::helpers::ProcessHandle;
 
 /// The running virtiofsd instances, before the VM starts.
 pub struct Shares(Vec<Virtiofsd>);
@@ -55,9 +56,9 @@ impl Shares {
         let stopping = Arc::new(AtomicBool::new(false));
         let on_exit = Arc::new(on_exit);
         let mut threads = Vec::with_capacity(self.0.len());
-        let mut pids = Vec::with_capacity(self.0.len());
+        let mut handles = Vec::with_capacity(self.0.len());
         for mut vfs in self.0 {
-            pids.extend(vfs.pid());
+            handles.push(vfs.handle());
             let (stopping, on_exit) = (stopping.clone(), on_exit.clone());
             threads.push(std::thread::spawn(move || {
                 let status = vfs.wait();
@@ -79,7 +80,7 @@ impl Shares {
         }
         Watch {
             stopping,
-            pids,
+            handles,
             threads,
         }
     }
@@ -88,7 +89,7 @@ impl Shares {
 /// Watched virtiofsd instances; [`Watch::finish`] ends them.
 pub struct Watch {
     stopping: Arc<AtomicBool>,
-    pids: Vec<u32>,
+    handles: Vec<ProcessHandle>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -96,10 +97,9 @@ impl Watch {
     /// Kills every instance (the VM is done with them) and waits until all are reaped.
     pub fn finish(self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for pid in &self.pids {
-            // SAFETY: the pid is our child and not reaped before its watcher's wait returns,
-            // which this kill is what ends.
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        for virtiofsd in &self.handles {
+            // One that exited by itself is reaped already: its handle signals nobody.
+            let _ = virtiofsd.signal(libc::SIGKILL);
         }
         for t in self.threads {
             let _ = t.join();

@@ -351,7 +351,16 @@ impl ExitStatus {
     pub fn as_shell_code(self) -> i32 {
         match self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Signal(s) => s.saturating_add(128),
+        }
+    }
+
+    /// Whether a Linux process can end this way: a code of 0 to 255, or a signal of 1 to 64.
+    /// The host checks what an agent (part of the guest, so hostile) reports.
+    pub fn is_possible(self) -> bool {
+        match self {
+            ExitStatus::Code(c) => (0..=255).contains(&c),
+            ExitStatus::Signal(s) => (1..=64).contains(&s),
         }
     }
 }
@@ -806,6 +815,23 @@ mod tests {
     fn shell_codes() {
         assert_eq!(ExitStatus::Code(7).as_shell_code(), 7);
         assert_eq!(ExitStatus::Signal(9).as_shell_code(), 137);
+        assert_eq!(ExitStatus::Signal(i32::MAX).as_shell_code(), i32::MAX);
+        for possible in [
+            ExitStatus::Code(0),
+            ExitStatus::Code(255),
+            ExitStatus::Signal(64),
+        ] {
+            assert!(possible.is_possible(), "{possible:?}");
+        }
+        for absurd in [
+            ExitStatus::Code(-1),
+            ExitStatus::Code(256),
+            ExitStatus::Signal(0),
+            ExitStatus::Signal(65),
+            ExitStatus::Signal(i32::MAX),
+        ] {
+            assert!(!absurd.is_possible(), "{absurd:?}");
+        }
         assert_eq!(StartFailure::NotFound.shell_code(125), 127);
         assert_eq!(StartFailure::NotExecutable.shell_code(125), 126);
         assert_eq!(StartFailure::Other.shell_code(1), 1);

@@ -229,10 +229,11 @@ fn read_bounded<R: Read>(
     Ok(data)
 }
 
-/// A GNU long name's bytes up to its terminating NUL.
+/// A GNU long name without its terminating NUL(s); a NUL inside is left for the path checks
+/// to refuse.
 fn until_nul(mut name: Vec<u8>) -> Vec<u8> {
-    if let Some(end) = name.iter().position(|&b| b == 0) {
-        name.truncate(end);
+    while name.last() == Some(&0) {
+        name.pop();
     }
     name
 }

@@ -434,3 +434,30 @@ fn a_layer_over_its_data_cap_is_refused_naming_the_setting() {
         other => panic!("{:?}", other.err()),
     }
 }
+
+#[test]
+fn names_with_nul_bytes_are_refused() {
+    // Through a PAX path and through a GNU long name (a header's own name ends at its NUL).
+    let mut records = Vec::new();
+    pax_record(&mut records, "path", b"etc/pass\0wd");
+    let mut tar = raw_header(b"././@PaxHeader", EntryType::XHeader, records.len() as u64);
+    tar.extend(blocks(&records));
+    tar.extend(raw_header(b"x", EntryType::Regular, 0));
+    tar.extend(vec![0; 1024]);
+    assert!(hostile_in(&tar[..]).contains("contains a NUL byte"));
+    let name = b"etc/shadow\0-not-really\0";
+    let mut tar = raw_header(b"././@LongLink", EntryType::GNULongName, name.len() as u64);
+    tar.extend(blocks(name));
+    tar.extend(raw_header(b"x", EntryType::Regular, 0));
+    tar.extend(vec![0; 1024]);
+    assert!(hostile_in(&tar[..]).contains("contains a NUL byte"));
+    // A long name's own terminating NUL is fine.
+    let name = b"a/long/enough/name\0";
+    let mut tar = raw_header(b"././@LongLink", EntryType::GNULongName, name.len() as u64);
+    tar.extend(blocks(name));
+    tar.extend(raw_header(b"x", EntryType::Regular, 0));
+    tar.extend(vec![0; 1024]);
+    let mut out = Vec::new();
+    rewrite(&tar[..], &mut out).unwrap();
+    assert!(read_back(&out).iter().any(|e| e.0 == "a/long/enough/name"));
+}
