@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// A root directory with busybox (from Debian's busybox-static) and a passwd file.
 fn rootfs() -> &'static Path {
@@ -265,6 +266,96 @@ fn signals_reach_the_process() {
     let status = child.wait().unwrap();
     assert_eq!(rest, "got TERM\n");
     assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn a_second_interrupt_stops_a_vm_whose_process_ignores_the_first() {
+    let Some(k) = kernel_or_skip("a_second_interrupt_stops_a_vm_whose_process_ignores_the_first")
+    else {
+        return;
+    };
+    let mut child = run_cmd(
+        &k,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap '' INT; echo ready; while true; do sleep 0.1; done",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // The first goes to the process, which ignores it; the second powers the VM off (it was
+    // forwarded too, and ignored, until the run timed out).
+    for _ in 0..2 {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "docker's code for an interrupted run"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_interrupt_while_the_guest_boots_stops_the_vm_at_once() {
+    let name = "an_interrupt_while_the_guest_boots_stops_the_vm_at_once";
+    let Some(k) = kernel_or_skip(name) else {
+        return;
+    };
+    if !kvm_or_skip(name) {
+        return;
+    }
+    // Our VMM: on this PVM host the guest takes over a minute to reach its agent (a hardware
+    // KVM host may get there and forward the signal instead: 130 either way). The signal used
+    // to wait, blocked, until the agent answered.
+    let mut child = microvm()
+        .args([
+            "run",
+            "--hypervisor",
+            "kvm",
+            "--network",
+            "none",
+            "--timeout",
+            "300",
+        ])
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--rootfs")
+        .arg(rootfs())
+        .args(["sleep", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -14,6 +14,7 @@ use crate::backend::Hypervisor;
 use crate::container::exec::ExecRequest;
 use crate::container::supervisor::{self, Streams};
 use crate::container::Container;
+pub use crate::signals::terminal_size;
 use crate::signals::HostSignals;
 
 /// The signals a foreground container gets from us.
@@ -45,14 +46,13 @@ pub fn run(c: &Container, signals: HostSignals, timings: bool) -> i32 {
     let tty = c.config.process.tty;
     let raw = tty.then(RawTerminal::enable).flatten();
     let io = HostIo::terminal();
-    let forward = forwarder(signals);
     let winsize = if tty { terminal_size() } else { None };
     let ended = supervisor::supervise(
         c,
         Streams::Foreground(io),
         winsize,
         Box::new(|_| {}),
-        &forward,
+        Some(signals),
     );
     drop(raw);
     match ended {
@@ -124,19 +124,6 @@ pub fn forward_signals(signals: HostSignals, control: Control) {
             }
         }
     });
-}
-
-/// The host terminal's size, if stdin is one.
-pub fn terminal_size() -> Option<(u16, u16)> {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which is valid for writes.
-    let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
 }
 
 /// The host terminal in raw mode while a `-t` process owns it; restored on drop.

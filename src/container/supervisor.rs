@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use super::state::{now, State, Status};
 use super::store::{Container, SUPERVISOR_LOG};
 use crate::agent::{Control, HostIo};
 use crate::backend::Stopper;
+use crate::signals::{terminal_size, HostSignals};
 
 /// How long a start request waits for the process to be reported running.
 const START_WAIT: Duration = Duration::from_secs(10);
@@ -67,8 +68,12 @@ struct Live {
     ended: AtomicBool,
     /// The process is created and waits for its start (cleared by the start).
     created: AtomicBool,
-    /// `stop` had to power the VM off: the run ended by SIGKILL, not by a crash.
+    /// `stop` or a host signal had to power the VM off: the run ended by that signal
+    /// ([`Live::forced_by`]), not by a crash.
     forced: AtomicBool,
+    /// The signal the run is reported killed by when forced: SIGKILL for `stop`, the host's
+    /// SIGINT, SIGTERM or SIGHUP when one of those powered it off.
+    forced_by: AtomicI32,
     state: Mutex<State>,
     ready: Mutex<Option<ReadyFn>>,
 }
@@ -98,6 +103,15 @@ impl Live {
 
     /// Powers the VM off now, or as soon as it has started.
     fn stop_vm(&self) {
+        self.stop_vm_by(libc::SIGKILL)
+    }
+
+    /// [`Live::stop_vm`], the run reported as ended by `signal`.
+    fn stop_vm_by(&self, signal: i32) {
+        // Only the first reason counts.
+        if !self.forced.load(Ordering::SeqCst) {
+            self.forced_by.store(signal, Ordering::SeqCst);
+        }
         self.forced.store(true, Ordering::SeqCst);
         if let Some(s) = &*self.stopper.lock().unwrap_or_else(|e| e.into_inner()) {
             s.stop();
@@ -315,14 +329,14 @@ impl<W: Write> Write for Tee<W> {
 /// Runs a container to its end in this process: takes the supervisor lock, serves the control
 /// socket, boots the VM, relays the streams into the log (and to the user in the foreground),
 /// records the state at each step, and removes the container at the end under `--rm`.
-/// `ready` hears once whether the process started. `on_control` gets the agent's control
-/// handle (the foreground run forwards signals and resizes through it).
+/// `ready` hears once whether the process started. `signals`, when given, are the host signals
+/// this process takes for the run (see [`relay_signals`]).
 pub fn supervise(
     c: &Container,
     streams: Streams,
     winsize: Option<(u16, u16)>,
     ready: ReadyFn,
-    on_control: &(dyn Fn(Control) + Sync),
+    signals: Option<HostSignals>,
 ) -> Result<Ended, Error> {
     let _lock = c.become_supervisor()?;
     let server = control::Server::bind(c)?;
@@ -343,9 +357,13 @@ pub fn supervise(
         ended: AtomicBool::new(false),
         created: AtomicBool::new(false),
         forced: AtomicBool::new(false),
+        forced_by: AtomicI32::new(libc::SIGKILL),
         state: Mutex::new(state),
         ready: Mutex::new(Some(ready)),
     });
+    if let Some(signals) = signals {
+        relay_signals(live.clone(), signals);
+    }
     let ended = match Launch::prepare(c, winsize) {
         Ok(launch) => {
             let run_dir = launch.run_dir().to_owned();
@@ -354,11 +372,7 @@ pub fn supervise(
                 let live = live.clone();
                 server.serve(move |req| live.handle(req))?;
             }
-            let observer = ForwardControl {
-                live: live.clone(),
-                on_control,
-            };
-            launch.execute(io, &observer)
+            launch.execute(io, &live)
         }
         Err(message) => Ended {
             code: EXIT_MICROVM_ERROR,
@@ -370,8 +384,9 @@ pub fn supervise(
     };
     let mut ended = ended;
     if live.forced.load(Ordering::SeqCst) && !ended.process_exited {
-        // `stop` powered the VM off: docker reports such a container as killed.
-        ended.code = 128 + libc::SIGKILL;
+        // `stop` or a host signal powered the VM off: docker reports such a container as
+        // killed (by SIGKILL, or 130 for a Ctrl-C).
+        ended.code = 128 + live.forced_by.load(Ordering::SeqCst);
         ended.error = None;
         ended.details.clear();
     }
@@ -433,29 +448,36 @@ fn logged(c: &Container, streams: Streams) -> Result<HostIo, Error> {
     })
 }
 
-/// The supervisor's observer, also handing the control handle to the foreground caller.
-struct ForwardControl<'a> {
-    live: Arc<Live>,
-    on_control: &'a (dyn Fn(Control) + Sync),
-}
-
-impl Observer for ForwardControl<'_> {
-    fn vm_started(&self, stopper: Stopper) {
-        self.live.vm_started(stopper)
-    }
-
-    fn session_ready(&self, control: Control) {
-        (self.on_control)(control.clone());
-        self.live.session_ready(control)
-    }
-
-    fn process_created(&self) {
-        self.live.process_created()
-    }
-
-    fn process_started(&self, pid: i32) {
-        self.live.process_started(pid)
-    }
+/// Host signals for a run supervised here (a foreground `run`, the runtime's supervisor under
+/// an engine): each goes to the process once it runs (docker's --sig-proxy), a terminal resize
+/// to its terminal. A terminating signal (SIGINT, SIGTERM, SIGHUP) that finds no process to
+/// take it (the VM still being built or booting, its agent silent) powers the VM off at once,
+/// and so does a second one whatever the process made of the first (it may ignore it, or have
+/// ended with its output still held open): no phase of a run waits on an uncooperative guest
+/// for ever, and the run is reported as ended by that signal (130 for Ctrl-C).
+fn relay_signals(live: Arc<Live>, signals: HostSignals) {
+    std::thread::spawn(move || {
+        let mut terminating = 0u32;
+        while let Some(sig) = signals.wait() {
+            let control = live.control();
+            if sig == libc::SIGWINCH {
+                if let (Some(c), Some((rows, cols))) = (&control, terminal_size()) {
+                    c.send(&Message::Resize { rows, cols });
+                }
+                continue;
+            }
+            if matches!(sig, libc::SIGINT | libc::SIGTERM | libc::SIGHUP) {
+                terminating += 1;
+                if control.is_none() || terminating > 1 {
+                    live.stop_vm_by(sig);
+                    continue;
+                }
+            }
+            if let Some(c) = control {
+                c.send(&Message::Signal { signal: sig });
+            }
+        }
+    });
 }
 
 /// Starts a detached supervisor for `c` (a copy of microvm in its own session, stdio to its
@@ -508,7 +530,7 @@ pub fn run_detached(c: &Container, signals: crate::signals::HostSignals) -> i32 
             }
         }
     });
-    match supervise(c, Streams::Detached, None, ready, &|_| {}) {
+    match supervise(c, Streams::Detached, None, ready, None) {
         Ok(ended) => {
             if let Some(e) = &ended.error {
                 eprintln!("microvm: container {name} ({id}): {e}");

@@ -174,7 +174,6 @@ pub fn supervise(cli: &Cli, id: &str) -> i32 {
     } else {
         None
     };
-    let forward = foreground::forwarder(signals);
     let ready_pipe = ready_pipe.take();
     // Whether `create` heard of a start; if not, it reports the failure itself.
     let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -191,7 +190,7 @@ pub fn supervise(cli: &Cli, id: &str) -> i32 {
         Streams::Inherited(HostIo::terminal()),
         winsize,
         ready,
-        &forward,
+        Some(signals),
     );
     drop(raw);
     match ended {
