@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod console_log;
 pub mod container;
 pub mod devices;
 pub mod helpers;

@@ -13,7 +13,7 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 pub enum Console {
     /// The host's standard error.
     Stderr,
-    /// A log file, created or truncated.
+    /// A log file, created or truncated, of bounded size (see [`crate::console_log`]).
     File(PathBuf),
 }
 

@@ -8,6 +8,7 @@
 //! QEMU does not treat TCG as a security boundary: callers must say so to the user.
 
 use std::ffi::OsString;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::console_log::ConsoleLog;
 use crate::devices::virtio::net::tap;
 use crate::devices::virtio::vsock::vhost_user;
 use crate::helpers::{die_with_parent, find, pass_fd, Missing, ProcessHandle};
@@ -116,6 +118,30 @@ pub struct Qemu {
     qemu: Child,
     handle: ProcessHandle,
     vsock: Option<vhost_user::Server>,
+    /// Copies the guest's console into its log.
+    console: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Copies QEMU's serial output into `log` until QEMU closes it. Output the log cannot take is
+/// dropped, never left in the pipe: a full pipe would stall the guest's console.
+fn keep_console(mut out: impl Read, mut log: ConsoleLog) {
+    let mut buf = [0u8; 4096];
+    let mut failed = false;
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if let Err(e) = log.write_all(&buf[..n]) {
+                    if !failed {
+                        tracing::warn!("guest console log: {e}; its output is dropped");
+                        failed = true;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// QEMU needs no network, no System V IPC and no hostname of ours: it gets new, empty network,
@@ -277,13 +303,21 @@ impl Qemu {
         if let Some(initrd) = &initrd {
             cmd.arg("-initrd").arg(initrd);
         }
-        match &plan.console {
-            Console::File(path) => cmd.args(["-serial", &format!("file:{}", path.display())]),
-            Console::Stderr => cmd.args(["-serial", "stdio"]).stdout(Stdio::inherit()),
+        // A console log goes through us, not to QEMU's own file: we keep it to a bounded size.
+        let console_log = match &plan.console {
+            Console::File(path) => {
+                let log = ConsoleLog::create(path)?;
+                cmd.args(["-serial", "stdio"]).stdout(Stdio::piped());
+                Some(log)
+            }
+            Console::Stderr => {
+                cmd.args(["-serial", "stdio"]).stdout(Stdio::inherit());
+                None
+            }
         };
         die_with_parent(&mut cmd);
         own_namespaces(&mut cmd);
-        let qemu = match cmd.spawn() {
+        let mut qemu = match cmd.spawn() {
             Ok(q) => q,
             Err(source) => {
                 if let Some(v) = vsock {
@@ -295,10 +329,13 @@ impl Qemu {
                 });
             }
         };
+        let console = match (console_log, qemu.stdout.take()) {
+            (Some(log), Some(out)) => Some(std::thread::spawn(move || keep_console(out, log))),
+            _ => None,
+        };
         let handle = match ProcessHandle::of(&qemu) {
             Ok(h) => h,
             Err(source) => {
-                let mut qemu = qemu;
                 let _ = qemu.kill();
                 let _ = qemu.wait();
                 if let Some(v) = vsock {
@@ -314,6 +351,7 @@ impl Qemu {
             qemu,
             handle,
             vsock,
+            console,
         })
     }
 
@@ -356,11 +394,15 @@ impl Qemu {
                 tracing::warn!("vsock backend: {e}");
             }
         }
+        // QEMU is gone, so its console pipe has ended: the log is complete once this returns.
+        if let Some(c) = self.console.take() {
+            let _ = c.join();
+        }
         result
     }
 
     /// A handle on the QEMU process, to stop or pause it from another thread (even after
-    /// [`Qemu::wait`] has reaped it: then it does nothing).
+    /// [`Qemu::wait`] has reaped it: then its signals reach nobody).
     pub fn handle(&self) -> ProcessHandle {
         self.handle.clone()
     }

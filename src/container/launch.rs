@@ -442,18 +442,14 @@ impl Launch {
                     Err(e) => format!(": {e}"),
                     Ok(_) => String::new(),
                 };
-                let console =
-                    std::fs::read_to_string(self.run_dir.0.join("console.log")).unwrap_or_default();
-                let lines: Vec<&str> = console.lines().collect();
+                let lines =
+                    crate::console_log::tail(&self.run_dir.0.join("console.log"), CONSOLE_TAIL);
                 let mut e = ended(
                     EXIT_MICROVM_ERROR,
                     Some(format!("the guest crashed before the command's exit status arrived{why}; last console lines:")),
                     false,
                 );
-                e.details = lines[lines.len().saturating_sub(CONSOLE_TAIL)..]
-                    .iter()
-                    .map(|l| format!("  {l}"))
-                    .collect();
+                e.details = lines.iter().map(|l| format!("  {l}")).collect();
                 e
             }
             (Err(e), _) => ended(EXIT_MICROVM_ERROR, Some(e.to_string()), false),

@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use crate::backend::VmEnd;
+use crate::console_log::ConsoleLog;
 use crate::devices::legacy::{BootMarker, IrqLine, Serial, I8042};
 use crate::devices::{bus, Bus};
 use crate::plan::{Console, VmPlan, MAX_CPUS, MIN_MEMORY_MIB};
@@ -339,11 +340,13 @@ impl Vm {
         }
         let console: Box<dyn Write + Send> = match &plan.console {
             Console::Stderr => Box::new(std::io::stderr()),
-            Console::File(path) => Box::new(File::create(path).map_err(|source| Error::Open {
-                what: "console log",
-                path: path.clone(),
-                source,
-            })?),
+            Console::File(path) => {
+                Box::new(ConsoleLog::create(path).map_err(|source| Error::Open {
+                    what: "console log",
+                    path: path.clone(),
+                    source,
+                })?)
+            }
         };
 
         vcpu::register_kick_handler()
