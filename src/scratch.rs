@@ -8,25 +8,38 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Apparent size of every scratch disk; only what the container writes takes host space.
-pub const SIZE: u64 = 8 << 30;
+/// Apparent size of a scratch disk unless `--storage-size` says otherwise; only what the
+/// container writes takes host space.
+pub const DEFAULT_SIZE: u64 = 8 << 30;
+/// The smallest and largest `--storage-size`: an ext4 with its journal and a little room, and
+/// what a sparse file on the store's file system can stand for.
+pub const MIN_SIZE: u64 = 64 << 20;
+/// See [`MIN_SIZE`].
+pub const MAX_SIZE: u64 = 16 << 40;
 /// Bump when the template's format options change.
 const TEMPLATE_VERSION: u32 = 5;
 
-/// The cached, formatted template, made on first use (atomically, so concurrent runs agree).
-pub fn template() -> io::Result<PathBuf> {
-    template_in(&crate::host::data_dir().join("scratch"))
+/// The cached, formatted template of `size` bytes (a whole number of MiB), made on first use
+/// (atomically, so concurrent runs agree).
+pub fn template(size: u64) -> io::Result<PathBuf> {
+    template_in(&crate::host::data_dir().join("scratch"), size)
 }
 
 /// [`template`] kept in `dir`.
-pub fn template_in(dir: &Path) -> io::Result<PathBuf> {
-    let path = dir.join(format!("ext4-{}g-v{TEMPLATE_VERSION}.img", SIZE >> 30));
+pub fn template_in(dir: &Path, size: u64) -> io::Result<PathBuf> {
+    if !(MIN_SIZE..=MAX_SIZE).contains(&size) || !size.is_multiple_of(1 << 20) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a sandbox layer of {size} bytes (whole MiB from 64 MiB to 16 TiB)"),
+        ));
+    }
+    let path = dir.join(format!("ext4-{}m-v{TEMPLATE_VERSION}.img", size >> 20));
     if path.is_file() {
         return Ok(path);
     }
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    File::create(&tmp)?.set_len(SIZE)?;
+    File::create(&tmp)?.set_len(size)?;
     // A small journal (4 MiB, written now): the layer outlives its VM, and a VM powered off by
     // `stop`'s last resort or a killed supervisor must leave it mountable. No reserved blocks,
     // no room kept for online resizing, inode tables zeroed now so the guest kernel starts no
@@ -61,9 +74,9 @@ pub fn template_in(dir: &Path) -> io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Makes a fresh scratch disk at `dst` from the template.
-pub fn create(dst: &Path) -> io::Result<()> {
-    sparse_copy(&template()?, dst)
+/// Makes a fresh scratch disk of `size` bytes at `dst` from its template.
+pub fn create(dst: &Path, size: u64) -> io::Result<()> {
+    sparse_copy(&template(size)?, dst)
 }
 
 /// Copies `src` to `dst` keeping holes: only the data extents are copied.
@@ -124,8 +137,8 @@ mod tests {
     fn template_is_ext4_and_nearly_all_holes() {
         let dir =
             std::env::temp_dir().join(format!("microvm-template-test-{}", std::process::id()));
-        let t = template_in(&dir).unwrap();
-        assert_eq!(std::fs::metadata(&t).unwrap().len(), SIZE);
+        let t = template_in(&dir, DEFAULT_SIZE).unwrap();
+        assert_eq!(std::fs::metadata(&t).unwrap().len(), DEFAULT_SIZE);
         let allocated = std::fs::metadata(&t).unwrap().blocks() * 512;
         // The 4 MiB journal and the metadata; the other 8 GiB are holes.
         assert!(allocated < 5 << 20, "template allocates {allocated} bytes");

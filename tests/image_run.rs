@@ -154,3 +154,44 @@ fn unknown_images_and_empty_commands_are_clear_errors() {
         );
     }
 }
+
+#[test]
+fn storage_size_bounds_the_sandbox_layer() {
+    let Some(k) = kernel_or_skip("storage_size_bounds_the_sandbox_layer") else {
+        return;
+    };
+    // The writable layer's file system is the size asked for (8 GiB by default), and a write
+    // past it fails in the guest with ENOSPC, taking no more host space than that.
+    let df = "df -k / | tail -1 | awk '{print $2}'";
+    let fill = "head -c 150000000 /dev/zero > /tmp/big && echo wrote || echo refused";
+    let o = run(
+        &k,
+        &["--rm", "-u", "0", "--storage-size", "100m"],
+        &[&format!("{df}; {fill}")],
+    );
+    let out = text(&o.stdout);
+    let mut lines = out.lines();
+    let kib: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (80_000..=102_400).contains(&kib),
+        "{out} {}",
+        text(&o.stderr)
+    );
+    assert_eq!(lines.next(), Some("refused"), "{out}");
+    let o = run(&k, &["--rm"], &[df]);
+    let kib: u64 = text(&o.stdout).trim().parse().unwrap_or(0);
+    assert!(kib > 7 << 20, "default sandbox layer of {kib} KiB");
+    // Nonsense is refused before anything starts, in one line.
+    for bad in ["1m", "17t", "lots"] {
+        let o = run(&k, &["--storage-size", bad], &["true"]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{bad}: {err}");
+        assert!(
+            err.contains("storage-size") || err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+}

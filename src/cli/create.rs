@@ -82,6 +82,10 @@ pub struct CreateArgs {
     /// Remove the container (and its sandbox layer) when its process exits.
     #[arg(long)]
     pub rm: bool,
+    /// Size of the container's writable sandbox layer (a sparse disk in the store: only what
+    /// is written takes space): MiB, or with a k, m, g or t suffix [default: 8g].
+    #[arg(long, value_name = "SIZE", value_parser = parse_storage_size)]
+    pub storage_size: Option<u64>,
     /// Pull the image from its registry: when it is not stored (missing), every time
     /// (always), or never.
     #[arg(long, value_enum, default_value = "missing", value_name = "POLICY")]
@@ -202,6 +206,11 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
     )?;
     let given_stop_signal = args.stop_signal.as_deref().map(parse_signal).transpose()?;
 
+    if args.rootfs && args.storage_size.is_some() {
+        return Err(
+            "--storage-size sizes an image's sandbox layer; a --rootfs container has none (what it writes lives in its RAM)".into(),
+        );
+    }
     let (root, defaults, image_stop_signal) = if args.rootfs {
         let dir = Path::new(&args.image);
         if !dir.is_dir() {
@@ -277,6 +286,25 @@ pub fn make(args: CreateArgs) -> Result<Container, String> {
         devices: Vec::new(),
         wait_start: false,
         network,
+        storage_size: args.storage_size,
     });
     made.map_err(|e| e.to_string())
+}
+
+/// `--storage-size`: a size (as `--memory` spells it, or with a t suffix) from 64 MiB to 16 TiB.
+fn parse_storage_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let mib = match t.trim_end_matches(['b', 'i']).strip_suffix('t') {
+        Some(tib) => tib
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(1 << 20))
+            .ok_or_else(|| format!("{s:?} is not a size (e.g. 20g, 1t)"))?,
+        None => super::parse_memory_mib(s)?,
+    };
+    let bytes = mib.saturating_mul(1 << 20);
+    if !(crate::scratch::MIN_SIZE..=crate::scratch::MAX_SIZE).contains(&bytes) {
+        return Err(format!("{s:?}: the sandbox layer must be from 64m to 16t"));
+    }
+    Ok(bytes)
 }

@@ -89,9 +89,10 @@ pub fn commit(
             }
         })
     };
-    // The guest writes the stream: no diff of an 8 GiB sandbox layer is larger than twice
-    // that, and a stream that is cut there fails as a truncated tar.
-    let stored = store.commit(&base, reader.take(2 * crate::scratch::SIZE), opts);
+    // The guest writes the stream: no diff of a sandbox layer is larger than twice its size,
+    // and a stream that is cut there fails as a truncated tar.
+    let bound = c.config.sandbox_size().saturating_mul(2);
+    let stored = store.commit(&base, reader.take(bound), opts);
     let finished = guest
         .join()
         .unwrap_or_else(|_| Err(Some("the diff relay panicked".into())));

@@ -104,9 +104,18 @@ pub struct ContainerConfig {
     /// Its network (records from before networking have none).
     #[serde(default)]
     pub network: NetworkConfig,
+    /// `--storage-size`: the sandbox layer's size in bytes (default
+    /// [`crate::scratch::DEFAULT_SIZE`]).
+    #[serde(default)]
+    pub storage_size: Option<u64>,
 }
 
 impl ContainerConfig {
+    /// The sandbox layer's size in bytes.
+    pub fn sandbox_size(&self) -> u64 {
+        self.storage_size.unwrap_or(crate::scratch::DEFAULT_SIZE)
+    }
+
     /// The first 12 hex digits, as `ps` shows them.
     pub fn short_id(&self) -> &str {
         &self.id[..12.min(self.id.len())]

@@ -161,8 +161,8 @@ impl Launch {
                 // device and the volumes have theirs.
                 let max_layers =
                     device_slots(hypervisor).saturating_sub(2 + usize::from(net) + volumes.len());
-                let (root, lease) =
-                    image_root(reference, digest, &c.scratch(), max_layers, &mut disks)?;
+                let scratch = (c.scratch(), cfg.sandbox_size());
+                let (root, lease) = image_root(reference, digest, scratch, max_layers, &mut disks)?;
                 (Some(root), Some(lease))
             }
         };
@@ -492,7 +492,7 @@ fn bundle_share(rootfs: &Path, read_only: bool, binds: &[Staged]) -> (Volume, Sh
 fn image_root(
     reference: &str,
     digest: &str,
-    scratch: &Path,
+    (scratch, scratch_size): (PathBuf, u64),
     max_layers: usize,
     disks: &mut Vec<DiskPlan>,
 ) -> Result<(RootSpec, crate::image::LayerLease), String> {
@@ -515,8 +515,8 @@ fn image_root(
     }
     if !scratch.exists() {
         let tmp = scratch.with_extension("img.tmp");
-        crate::scratch::create(&tmp)
-            .and_then(|()| std::fs::rename(&tmp, scratch))
+        crate::scratch::create(&tmp, scratch_size)
+            .and_then(|()| std::fs::rename(&tmp, &scratch))
             .map_err(|e| format!("cannot make the sandbox layer {}: {e}", scratch.display()))?;
     }
     disks.push(DiskPlan {

@@ -471,6 +471,7 @@ mod tests {
             devices: Vec::new(),
             wait_start: false,
             network: Default::default(),
+            storage_size: None,
         }
     }
 

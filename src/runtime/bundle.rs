@@ -161,6 +161,7 @@ impl Bundle {
             devices: self.devices()?,
             wait_start: true,
             network: self.network()?,
+            storage_size: None,
         };
         Ok((config, console_size))
     }
