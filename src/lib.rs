@@ -11,6 +11,7 @@ pub mod cli;
 pub mod console_log;
 pub mod container;
 pub mod devices;
+pub mod fuzz;
 pub mod helpers;
 pub mod host;
 pub mod image;

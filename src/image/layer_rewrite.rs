@@ -99,6 +99,19 @@ pub(crate) fn rewrite<R: Read, W: Write>(input: R, output: W) -> Result<Summary,
     rw.finish()
 }
 
+/// [`rewrite`] with at most `max_data` bytes of file data (fuzzing, tests).
+pub(crate) fn rewrite_capped<R: Read, W: Write>(
+    input: R,
+    output: W,
+    max_data: u64,
+) -> Result<Summary, RewriteError> {
+    let mut out = TarWriter::new(output);
+    let mut rw = Rewriter::new(&mut out, None);
+    rw.max_data = Some(max_data);
+    rw.run(input)?;
+    rw.finish()
+}
+
 struct Rewriter<'a, W: Write> {
     out: &'a mut TarWriter<W>,
     /// When merging layers: which of this layer's non-directories are written, and where.

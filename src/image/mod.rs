@@ -111,3 +111,20 @@ pub struct PruneReport {
     /// Bytes freed.
     pub bytes_freed: u64,
 }
+
+/// [`crate::fuzz::layer_tar`]: the layer rewrite with a file data cap of `max_data` bytes.
+#[doc(hidden)]
+pub fn fuzz_layer_rewrite(tar: &[u8], max_data: u64) -> Result<(), String> {
+    layer_rewrite::rewrite_capped(tar, std::io::sink(), max_data)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// [`crate::fuzz::image_documents`]: a docker-archive manifest.json, and digests and names.
+#[doc(hidden)]
+pub fn fuzz_documents(data: &[u8]) {
+    let _ = serde_json::from_slice::<Vec<docker_archive::Entry>>(data);
+    let text = String::from_utf8_lossy(data);
+    let _ = digest::Digest::parse(&text);
+    let _ = reference::split_name(&text);
+}
