@@ -403,3 +403,9 @@ impl Drop for EngineNetns {
             .status();
     }
 }
+
+/// Fails unless what began at `started` ended within `limit` (a run that must not hang).
+pub fn assert_ended_within(started: std::time::Instant, limit: std::time::Duration) {
+    let took = started.elapsed();
+    assert!(took < limit, "took {took:?}, more than {limit:?}");
+}
