@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 /// Bytes kept in one console log file. A Linux boot writes a few tens of KiB.
 pub const MAX: u64 = 1 << 20;
 
-/// A console log file that rotates at `max` bytes (see the module comment).
+/// A console log file that rotates at `max` bytes (see the module comment). A path that is
+/// not a regular file (`--console-log /dev/null`, a FIFO, /dev/stdout) is written as it is,
+/// never renamed.
 pub struct ConsoleLog {
     path: PathBuf,
     file: File,
     written: u64,
-    max: u64,
+    /// `None` for a path that is not a regular file.
+    max: Option<u64>,
 }
 
 impl ConsoleLog {
@@ -26,11 +29,13 @@ impl ConsoleLog {
 
     /// [`ConsoleLog::create`] rotating at `max` bytes.
     pub fn with_max(path: &Path, max: u64) -> io::Result<ConsoleLog> {
+        let file = File::create(path)?;
+        let regular = file.metadata()?.is_file();
         Ok(ConsoleLog {
             path: path.to_owned(),
-            file: File::create(path)?,
+            file,
             written: 0,
-            max: max.max(1),
+            max: regular.then_some(max.max(1)),
         })
     }
 
@@ -44,10 +49,13 @@ impl ConsoleLog {
 
 impl Write for ConsoleLog {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.written >= self.max {
+        let Some(max) = self.max else {
+            return self.file.write(buf);
+        };
+        if self.written >= max {
             self.rotate()?;
         }
-        let room = (self.max - self.written).min(buf.len() as u64) as usize;
+        let room = (max - self.written).min(buf.len() as u64) as usize;
         let n = self.file.write(&buf[..room])?;
         self.written += n as u64;
         Ok(n)
@@ -101,5 +109,18 @@ mod tests {
             n(&w[1]) == n(&w[0]) + 1
         }));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_device_or_fifo_is_written_through_never_renamed() {
+        let mut null = ConsoleLog::with_max(Path::new("/dev/null"), 10).unwrap();
+        for _ in 0..100 {
+            null.write_all(b"0123456789").unwrap();
+        }
+        assert!(Path::new("/dev/null").exists());
+        assert!(
+            !older(Path::new("/dev/null")).exists(),
+            "/dev/null was rotated"
+        );
     }
 }

@@ -204,23 +204,6 @@ impl Qemu {
     /// and the concatenated initrd. Must be called on the thread that outlives the VM.
     pub fn start(plan: &VmPlan, run_dir: &Path) -> Result<Qemu, Error> {
         let qemu_bin = find("qemu-system-x86_64", "install Debian's qemu-system-x86")?;
-        let mut vsock = None;
-        let mut vsock_args = Vec::new();
-        if let Some(v) = &plan.vsock {
-            let socket = run_dir.join("vhost-user-vsock.sock");
-            vsock = Some(vhost_user::Server::start(
-                v.guest_cid.into(),
-                &v.uds_path,
-                &socket,
-            )?);
-            vsock_args = vec![
-                "-chardev".into(),
-                opt_path("socket,id=vsock,path=", &socket, ""),
-                "-device".into(),
-                "vhost-user-vsock-device,chardev=vsock".into(),
-            ];
-        }
-
         let initrd = match plan.initrd.as_slice() {
             [] => None,
             [one] => Some(one.clone()),
@@ -258,6 +241,29 @@ impl Qemu {
                 .into(),
             );
         }
+        // A console log goes through us, not to QEMU's own file: we keep it to a bounded size.
+        // Everything that can fail comes before the vsock backend starts listening.
+        let console_log = match &plan.console {
+            Console::File(path) => Some(ConsoleLog::create(path)?),
+            Console::Stderr => None,
+        };
+        let mut vsock = None;
+        let mut vsock_args = Vec::new();
+        if let Some(v) = &plan.vsock {
+            let socket = run_dir.join("vhost-user-vsock.sock");
+            vsock = Some(vhost_user::Server::start(
+                v.guest_cid.into(),
+                &v.uds_path,
+                &socket,
+            )?);
+            vsock_args = vec![
+                "-chardev".into(),
+                opt_path("socket,id=vsock,path=", &socket, ""),
+                "-device".into(),
+                "vhost-user-vsock-device,chardev=vsock".into(),
+            ];
+        }
+
         let mem = plan.memory_mib;
         let mut cmd = Command::new(qemu_bin);
         // Kept open until QEMU is spawned: it gets its own copy.
@@ -303,18 +309,10 @@ impl Qemu {
         if let Some(initrd) = &initrd {
             cmd.arg("-initrd").arg(initrd);
         }
-        // A console log goes through us, not to QEMU's own file: we keep it to a bounded size.
-        let console_log = match &plan.console {
-            Console::File(path) => {
-                let log = ConsoleLog::create(path)?;
-                cmd.args(["-serial", "stdio"]).stdout(Stdio::piped());
-                Some(log)
-            }
-            Console::Stderr => {
-                cmd.args(["-serial", "stdio"]).stdout(Stdio::inherit());
-                None
-            }
-        };
+        cmd.args(["-serial", "stdio"]).stdout(match console_log {
+            Some(_) => Stdio::piped(),
+            None => Stdio::inherit(),
+        });
         die_with_parent(&mut cmd);
         own_namespaces(&mut cmd);
         let mut qemu = match cmd.spawn() {

@@ -72,7 +72,7 @@ struct Live {
     /// ([`Live::forced_by`]), not by a crash.
     forced: AtomicBool,
     /// The signal the run is reported killed by when forced: SIGKILL for `stop`, the host's
-    /// SIGINT, SIGTERM or SIGHUP when one of those powered it off.
+    /// SIGINT, SIGTERM or SIGHUP when one of those powered it off; 0 until then.
     forced_by: AtomicI32,
     state: Mutex<State>,
     ready: Mutex<Option<ReadyFn>>,
@@ -109,9 +109,9 @@ impl Live {
     /// [`Live::stop_vm`], the run reported as ended by `signal`.
     fn stop_vm_by(&self, signal: i32) {
         // Only the first reason counts.
-        if !self.forced.load(Ordering::SeqCst) {
-            self.forced_by.store(signal, Ordering::SeqCst);
-        }
+        let _ = self
+            .forced_by
+            .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
         self.forced.store(true, Ordering::SeqCst);
         if let Some(s) = &*self.stopper.lock().unwrap_or_else(|e| e.into_inner()) {
             s.stop();
@@ -357,7 +357,7 @@ pub fn supervise(
         ended: AtomicBool::new(false),
         created: AtomicBool::new(false),
         forced: AtomicBool::new(false),
-        forced_by: AtomicI32::new(libc::SIGKILL),
+        forced_by: AtomicI32::new(0),
         state: Mutex::new(state),
         ready: Mutex::new(Some(ready)),
     });
@@ -386,7 +386,11 @@ pub fn supervise(
     if live.forced.load(Ordering::SeqCst) && !ended.process_exited {
         // `stop` or a host signal powered the VM off: docker reports such a container as
         // killed (by SIGKILL, or 130 for a Ctrl-C).
-        ended.code = 128 + live.forced_by.load(Ordering::SeqCst);
+        let signal = match live.forced_by.load(Ordering::SeqCst) {
+            0 => libc::SIGKILL,
+            s => s,
+        };
+        ended.code = 128 + signal;
         ended.error = None;
         ended.details.clear();
     }

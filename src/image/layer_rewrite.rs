@@ -189,6 +189,17 @@ impl<'a, W: Write> Rewriter<'a, W> {
     fn entry(&mut self, member: Member, data: &mut dyn Read) -> Result<(), RewriteError> {
         let etype = member.etype;
         let path = sanitize(&member.path)?;
+        // Every member's data counts, written or skipped: a whiteout or a directory can claim
+        // (and a compressed layer can hold) as much as a file.
+        self.data = self.data.saturating_add(member.size);
+        let max = self.max_data.unwrap_or(u64::MAX);
+        if self.data > max {
+            return Err(hostile(format!(
+                "the layer holds more than {max} bytes of data (at {}): set \
+                 {MAX_LAYER_SIZE_VAR} higher (GiB) to convert it",
+                show(&path)
+            )));
+        }
         let (parent, name) = split_parent(&path);
         if let Some(target) = name.strip_prefix(b".wh.") {
             return self.whiteout(&path, parent, target);
@@ -214,15 +225,6 @@ impl<'a, W: Write> Rewriter<'a, W> {
             EntryType::Regular | EntryType::Continuous => {
                 self.claim(&path, parent)?;
                 let size = member.size;
-                self.data = self.data.saturating_add(size);
-                let max = self.max_data.unwrap_or(u64::MAX);
-                if self.data > max {
-                    return Err(hostile(format!(
-                        "the layer holds more than {max} bytes of file data (at {}): set \
-                         {MAX_LAYER_SIZE_VAR} higher (GiB) to convert it",
-                        show(&path)
-                    )));
-                }
                 let Some(dest) = self.place(&path) else {
                     return Ok(());
                 };
@@ -266,12 +268,13 @@ impl<'a, W: Write> Rewriter<'a, W> {
                     )));
                 }
                 self.claim(&path, parent)?;
-                self.hold(2 * (path.len() + target.len()), &path)?;
                 let root = self
                     .link_roots
                     .get(&target)
                     .cloned()
                     .unwrap_or_else(|| target.clone());
+                // The path and its root, kept twice (in order, and by path).
+                self.hold(2 * (path.len() + root.len()), &path)?;
                 self.link_roots.insert(path.clone(), root.clone());
                 self.links.push((path.clone(), root.clone()));
                 let Some(dest) = self.place(&path) else {

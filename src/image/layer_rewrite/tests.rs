@@ -461,3 +461,37 @@ fn names_with_nul_bytes_are_refused() {
     rewrite(&tar[..], &mut out).unwrap();
     assert!(read_back(&out).iter().any(|e| e.0 == "a/long/enough/name"));
 }
+
+#[test]
+fn hard_links_are_counted_by_what_they_keep() {
+    // One long file, then links to it through a one-byte name: each link keeps the file's
+    // 4 KB path twice, so these must reach the cap (counted by the link's own target, they
+    // were ~140 bytes each and 1.9 million fit, about 15 GiB).
+    let long = format!("{}{}/f", "d".repeat(200), "/e".repeat(1900));
+    let mut entries = vec![ent(long.as_bytes(), EntryType::Regular)];
+    let names: Vec<String> = (0..40_000).map(|i| format!("l{i}")).collect();
+    entries.push(In {
+        link: long.as_bytes(),
+        ..ent(b"a", EntryType::Link)
+    });
+    for n in &names {
+        entries.push(In {
+            link: b"a",
+            ..ent(n.as_bytes(), EntryType::Link)
+        });
+    }
+    let m = hostile_msg(&entries);
+    assert!(m.contains("memory to check"), "{m}");
+}
+
+#[test]
+fn data_claimed_by_any_member_counts_toward_the_cap() {
+    let tar = layer(&[In {
+        data: &[0; 3000],
+        ..ent(b"dir", EntryType::Directory)
+    }]);
+    match rewrite_capped(&tar[..], io::sink(), 1000) {
+        Err(RewriteError::Hostile(m)) => assert!(m.contains("more than 1000 bytes"), "{m}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}

@@ -12,7 +12,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::backend::{Backend, Handshake, NUM_QUEUES, RING_FEATURES};
 use super::config::{config_bytes, CONFIG_SIZE};
@@ -67,7 +67,7 @@ impl Fs {
     pub fn new(tag: &str, socket: &Path, on_failure: FailureHook) -> Result<Self, Error> {
         let config = config_bytes(tag)?;
         let (handshake, watch) = Handshake::start(socket)?;
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd);
+        let evt = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd);
         Ok(Fs {
             tag: tag.to_owned(),
             socket: socket.to_owned(),
