@@ -71,8 +71,9 @@ fn vmas(pid: u32) -> Vec<Vma> {
     out
 }
 
-/// PSS of `pid`: guest RAM is QEMU's memory-backend memfd, our VMM's guest-RAM memfd, or (our
-/// VMM without volumes) the adjacent writable anonymous mappings that together span exactly the
+/// PSS of `pid`: guest RAM is QEMU's memory-backend memfd, our VMM's shared guest-RAM file
+/// (`microvm-guest-ram`: a memfd, or a file on its private huge-page tmpfs), or (our VMM without
+/// volumes) the adjacent writable anonymous mappings that together span exactly the
 /// guest's RAM (a malloc arena's reserve beside them is not writable).
 fn pss(pid: u32, guest_bytes: u64) -> Pss {
     let all = vmas(pid);

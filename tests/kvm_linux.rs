@@ -15,10 +15,7 @@ use std::process::Stdio;
 /// `microvm run --hypervisor kvm [flags] IMAGE ARGS...` with the test images' private store
 /// (IMAGE: `demo` or `box`).
 fn run_kvm(name: &str, image: &str, flags: &[String], args: &[&str]) -> Option<(i32, String)> {
-    if !kvm_or_skip(name) {
-        return None;
-    }
-    let kernel = kernel_or_skip(name)?;
+    let kernel = kvm_kernel_or_skip(name)?;
     let (images, store) = test_images("kvm-linux");
     let o = microvm()
         .args(["run", "--hypervisor", "kvm", "--rm", "--timings"])

@@ -376,12 +376,9 @@ fn a_dying_virtiofsd_ends_the_run_with_an_error() {
 #[test]
 fn a_volume_server_that_cannot_start_stops_the_kvm_vm_built_meanwhile() {
     let name = "a_volume_server_that_cannot_start_stops_the_kvm_vm_built_meanwhile";
-    let Some(k) = kernel_or_skip(name) else {
+    let Some(k) = kvm_kernel_or_skip(name) else {
         return;
     };
-    if !kvm_or_skip(name) {
-        return;
-    }
     // virtiofsd is spawned while our VMM builds the VM on its own thread; when it cannot be
     // found, the VM (already built, perhaps running) is stopped and the run fails at once.
     let (out, store) = test_images("volumes");

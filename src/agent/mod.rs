@@ -486,6 +486,28 @@ mod tests {
         control
     }
 
+    /// The host's side of a VM: the agent's socket, the VM's watch and its guard (dropped, the VM
+    /// has ended), with a fake agent running `agent` on its own thread (given the socket).
+    struct FakeVm<T> {
+        listener: Listener,
+        watch: VmWatch,
+        guard: UnixStream,
+        agent: JoinHandle<T>,
+    }
+
+    fn fake_vm<T: Send + 'static>(agent: impl FnOnce(&Path) -> T + Send + 'static) -> FakeVm<T> {
+        let path = socket_path();
+        let listener = Listener::bind(&path).unwrap();
+        let (watch, guard) = VmWatch::new().unwrap();
+        let agent = std::thread::spawn(move || agent(&path));
+        FakeVm {
+            listener,
+            watch,
+            guard,
+            agent,
+        }
+    }
+
     /// Opens the agent's stdin, stdout and stderr connections, in that order.
     fn fake_agent_streams(path: &Path) -> [UnixStream; 3] {
         [Stream::Stdin, Stream::Stdout, Stream::Stderr].map(|s| {
@@ -497,16 +519,12 @@ mod tests {
 
     #[test]
     fn a_whole_session_against_a_fake_agent() {
-        let path = socket_path();
-        let listener = Listener::bind(&path).unwrap();
-        let (watch, _guard) = VmWatch::new().unwrap();
-        let agent_path = path.clone();
-        let agent = std::thread::spawn(move || {
-            let mut control = fake_agent_hello(&agent_path, proto::VERSION);
+        let vm = fake_vm(|agent_path| {
+            let mut control = fake_agent_hello(agent_path, proto::VERSION);
             let Message::Run(spec) = proto::recv(&mut control).unwrap() else {
                 panic!("no spec")
             };
-            let [mut stdin, mut stdout, mut stderr] = fake_agent_streams(&agent_path);
+            let [mut stdin, mut stdout, mut stderr] = fake_agent_streams(agent_path);
             proto::pump_to_frames(&mut &b"hello out"[..], &mut stdout).unwrap();
             proto::pump_to_frames(&mut &b"hello err"[..], &mut stderr).unwrap();
             let mut received = Vec::new();
@@ -529,14 +547,15 @@ mod tests {
             argv: vec!["x".into()],
             ..Default::default()
         };
-        let session = Session::start(&listener, &watch, spec.clone(), io(&out, &err)).unwrap();
+        let session =
+            Session::start(&vm.listener, &vm.watch, spec.clone(), io(&out, &err)).unwrap();
         assert_eq!(session.boot_stages().init, 700);
-        let (outcome, times) = session.finish_timed(&watch).unwrap();
+        let (outcome, times) = session.finish_timed(&vm.watch).unwrap();
         assert_eq!(outcome, Outcome::Exited(ExitStatus::Code(3)));
         assert_eq!(times.guest.map(|g| g.root), Some(760));
         assert_eq!(&*out.0.lock().unwrap(), b"hello out");
         assert_eq!(&*err.0.lock().unwrap(), b"hello err");
-        let (got_spec, stdin, last) = agent.join().unwrap();
+        let (got_spec, stdin, last) = vm.agent.join().unwrap();
         assert_eq!(got_spec, spec);
         assert!(stdin.is_empty(), "no -i: the agent gets an empty stdin");
         assert_eq!(last, Message::Shutdown);
@@ -544,14 +563,10 @@ mod tests {
 
     #[test]
     fn a_guest_flooding_control_messages_after_its_exit_is_not_read() {
-        let path = socket_path();
-        let listener = Listener::bind(&path).unwrap();
-        let (watch, _guard) = VmWatch::new().unwrap();
-        let agent_path = path.clone();
-        let agent = std::thread::spawn(move || {
-            let mut control = fake_agent_hello(&agent_path, proto::VERSION);
+        let vm = fake_vm(|agent_path| {
+            let mut control = fake_agent_hello(agent_path, proto::VERSION);
             proto::recv(&mut control).unwrap();
-            let [_stdin, mut stdout, mut stderr] = fake_agent_streams(&agent_path);
+            let [_stdin, mut stdout, mut stderr] = fake_agent_streams(agent_path);
             proto::write_frame(&mut stderr, &[]).unwrap();
             proto::send(&mut control, &Message::Exited(ExitStatus::Code(0))).unwrap();
             // stdout stays open while megabyte messages follow: the host must stop reading
@@ -571,10 +586,10 @@ mod tests {
         });
         let (out, err) = (Sink::default(), Sink::default());
         let session =
-            Session::start(&listener, &watch, RunSpec::default(), io(&out, &err)).unwrap();
-        let outcome = session.finish(&watch).unwrap();
+            Session::start(&vm.listener, &vm.watch, RunSpec::default(), io(&out, &err)).unwrap();
+        let outcome = session.finish(&vm.watch).unwrap();
         assert_eq!(outcome, Outcome::Exited(ExitStatus::Code(0)));
-        let sent = agent.join().unwrap();
+        let sent = vm.agent.join().unwrap();
         assert!(
             sent < 8,
             "the host read {sent} MiB of messages after the exit"
@@ -607,15 +622,11 @@ mod tests {
             vec![Message::Exited(ExitStatus::Signal(i32::MAX))],
             vec![Message::Exited(ExitStatus::Code(-1))],
         ] {
-            let path = socket_path();
-            let listener = Listener::bind(&path).unwrap();
-            let (watch, _guard) = VmWatch::new().unwrap();
-            let agent_path = path.clone();
             let sent = script.clone();
-            let agent = std::thread::spawn(move || {
-                let mut control = fake_agent_hello(&agent_path, proto::VERSION);
+            let vm = fake_vm(move |agent_path| {
+                let mut control = fake_agent_hello(agent_path, proto::VERSION);
                 proto::recv(&mut control).unwrap();
-                let conns = fake_agent_streams(&agent_path);
+                let conns = fake_agent_streams(agent_path);
                 for m in &sent {
                     proto::send(&mut control, m).unwrap();
                 }
@@ -623,13 +634,14 @@ mod tests {
             });
             let (out, err) = (Sink::default(), Sink::default());
             let session =
-                Session::start(&listener, &watch, RunSpec::default(), io(&out, &err)).unwrap();
-            let e = session.finish(&watch).err().unwrap();
+                Session::start(&vm.listener, &vm.watch, RunSpec::default(), io(&out, &err))
+                    .unwrap();
+            let e = session.finish(&vm.watch).err().unwrap();
             assert!(
                 e.to_string().contains("unexpected message"),
                 "{script:?}: {e}"
             );
-            drop(agent.join().unwrap());
+            drop(vm.agent.join().unwrap());
         }
     }
 
@@ -649,23 +661,19 @@ mod tests {
 
     #[test]
     fn a_version_mismatch_is_refused_clearly() {
-        let path = socket_path();
-        let listener = Listener::bind(&path).unwrap();
-        let (watch, _guard) = VmWatch::new().unwrap();
-        let agent_path = path.clone();
-        let agent = std::thread::spawn(move || {
-            let mut control = fake_agent_hello(&agent_path, proto::VERSION + 1);
+        let vm = fake_vm(|agent_path| {
+            let mut control = fake_agent_hello(agent_path, proto::VERSION + 1);
             proto::recv(&mut control).unwrap()
         });
         let (out, err) = (Sink::default(), Sink::default());
-        let e = Session::start(&listener, &watch, RunSpec::default(), io(&out, &err))
+        let e = Session::start(&vm.listener, &vm.watch, RunSpec::default(), io(&out, &err))
             .err()
             .unwrap();
         assert!(
             matches!(e, Error::VersionMismatch { guest, host } if guest == proto::VERSION + 1 && host == proto::VERSION)
         );
         assert!(e.to_string().contains("rebuild"), "{e}");
-        assert!(matches!(agent.join().unwrap(), Message::Refused { .. }));
+        assert!(matches!(vm.agent.join().unwrap(), Message::Refused { .. }));
     }
 
     #[test]
@@ -682,23 +690,18 @@ mod tests {
 
     #[test]
     fn an_agent_that_dies_mid_run_is_reported() {
-        let path = socket_path();
-        let listener = Listener::bind(&path).unwrap();
-        let (watch, guard) = VmWatch::new().unwrap();
-        let agent_path = path.clone();
-        let agent = std::thread::spawn(move || {
-            let mut control = fake_agent_hello(&agent_path, proto::VERSION);
+        let vm = fake_vm(|agent_path| {
+            let mut control = fake_agent_hello(agent_path, proto::VERSION);
             proto::recv(&mut control).unwrap();
-            let conns = fake_agent_streams(&agent_path);
-            // The VM goes away: connections close, the VM ends.
-            drop(conns);
+            // The VM goes away: connections close, then the VM ends.
+            drop(fake_agent_streams(agent_path));
             drop(control);
-            drop(guard);
         });
         let (out, err) = (Sink::default(), Sink::default());
         let session =
-            Session::start(&listener, &watch, RunSpec::default(), io(&out, &err)).unwrap();
-        agent.join().unwrap();
-        assert!(matches!(session.finish(&watch), Err(Error::GuestEnded)));
+            Session::start(&vm.listener, &vm.watch, RunSpec::default(), io(&out, &err)).unwrap();
+        vm.agent.join().unwrap();
+        drop(vm.guard);
+        assert!(matches!(session.finish(&vm.watch), Err(Error::GuestEnded)));
     }
 }

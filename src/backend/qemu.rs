@@ -94,7 +94,7 @@ fn net_args(cmd: &mut Command, net: &NetPlan) -> Result<Option<OwnedFd>, Error> 
             )
         }
         NetBackend::Stream { socket } => (
-            opt_path(
+            opt_value(
                 "stream,id=net0,server=off,addr.type=unix,addr.path=",
                 socket,
                 "",
@@ -157,17 +157,13 @@ fn own_namespaces(cmd: &mut Command) {
     }
 }
 
-/// A value inside a QEMU `-device`/`-chardev` option list, where a comma is written twice.
-fn opt_value(value: &str) -> String {
-    value.replace(',', ",,")
-}
-
-/// `before`, then `path` as an option value (commas doubled, byte for byte: a path need not be
-/// UTF-8, and a lossy copy would name another file), then `after`.
-fn opt_path(before: &str, path: &Path, after: &str) -> OsString {
+/// `before`, then `value` inside a QEMU `-device`/`-chardev`/`-drive` option list (where a
+/// comma is written twice, byte for byte: a path need not be UTF-8, and a lossy copy would name
+/// another file), then `after`.
+fn opt_value(before: &str, value: impl AsRef<std::ffi::OsStr>, after: &str) -> OsString {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let mut out = before.as_bytes().to_vec();
-    for &b in path.as_os_str().as_bytes() {
+    for &b in value.as_ref().as_bytes() {
         out.push(b);
         if b == b',' {
             out.push(b',');
@@ -182,19 +178,17 @@ fn share_args(plan: &VmPlan) -> Vec<OsString> {
     let mut args = Vec::new();
     for (i, share) in plan.shares.iter().enumerate() {
         args.push("-chardev".into());
-        args.push(opt_path(
+        args.push(opt_value(
             &format!("socket,id=fs{i},path="),
             &share.socket,
             "",
         ));
         args.push("-device".into());
-        args.push(
-            format!(
-                "vhost-user-fs-device,chardev=fs{i},tag={}",
-                opt_value(&share.tag)
-            )
-            .into(),
-        );
+        args.push(opt_value(
+            &format!("vhost-user-fs-device,chardev=fs{i},tag="),
+            &share.tag,
+            "",
+        ));
     }
     args
 }
@@ -227,19 +221,17 @@ impl Qemu {
         for (i, d) in plan.disks.iter().enumerate() {
             let readonly = if d.read_only { "on" } else { "off" };
             disk_args.push(OsString::from("-drive"));
-            disk_args.push(opt_path(
+            disk_args.push(opt_value(
                 &format!("id=disk{i},file="),
                 &d.path,
                 &format!(",format=raw,if=none,readonly={readonly}"),
             ));
             disk_args.push("-device".into());
-            disk_args.push(
-                format!(
-                    "virtio-blk-device,drive=disk{i},serial={}",
-                    opt_value(&d.serial)
-                )
-                .into(),
-            );
+            disk_args.push(opt_value(
+                &format!("virtio-blk-device,drive=disk{i},serial="),
+                &d.serial,
+                "",
+            ));
         }
         // A console log goes through us, not to QEMU's own file: we keep it to a bounded size.
         // Everything that can fail comes before the vsock backend starts listening.
@@ -258,7 +250,7 @@ impl Qemu {
             )?);
             vsock_args = vec![
                 "-chardev".into(),
-                opt_path("socket,id=vsock,path=", &socket, ""),
+                opt_value("socket,id=vsock,path=", &socket, ""),
                 "-device".into(),
                 "vhost-user-vsock-device,chardev=vsock".into(),
             ];
@@ -456,7 +448,7 @@ mod tests {
         use std::os::unix::ffi::{OsStrExt, OsStringExt};
         // Once `file=/x,readonly=off` would have made a read-only disk writable.
         let path = Path::new(std::ffi::OsStr::from_bytes(b"/d/a,readonly=off,\xff.img"));
-        let arg = opt_path("id=disk0,file=", path, ",readonly=on");
+        let arg = opt_value("id=disk0,file=", path, ",readonly=on");
         assert_eq!(
             arg.into_vec(),
             b"id=disk0,file=/d/a,,readonly=off,,\xff.img,readonly=on".to_vec()

@@ -79,19 +79,14 @@ const DEFAULT_TIME_LIMIT_MIN: u64 = 60;
 
 /// How long converting one layer may take ([`TIME_LIMIT_VAR`]).
 pub(crate) fn time_limit() -> Result<Duration, Error> {
-    let Some(value) = std::env::var_os(TIME_LIMIT_VAR) else {
-        return Ok(Duration::from_secs(DEFAULT_TIME_LIMIT_MIN * 60));
-    };
-    value
-        .to_str()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&min| min > 0 && min <= 7 * 24 * 60)
-        .map(|min| Duration::from_secs(min * 60))
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{TIME_LIMIT_VAR}={value:?} is not valid: give a whole number of minutes, e.g. 60"
-            ))
-        })
+    super::env_setting(
+        TIME_LIMIT_VAR,
+        DEFAULT_TIME_LIMIT_MIN,
+        7 * 24 * 60,
+        "minutes",
+    )
+    .map(|min| Duration::from_secs(min * 60))
+    .map_err(Error::Unsupported)
 }
 
 /// A reader that fails once `deadline` has passed.

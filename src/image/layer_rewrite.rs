@@ -449,19 +449,14 @@ impl<'a, W: Write> Rewriter<'a, W> {
 
 /// The most file data one layer may hold, from [`MAX_LAYER_SIZE_VAR`].
 fn max_layer_data() -> Result<u64, RewriteError> {
-    let Some(value) = std::env::var_os(MAX_LAYER_SIZE_VAR) else {
-        return Ok(DEFAULT_MAX_LAYER_GIB << 30);
-    };
-    value
-        .to_str()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&gib| gib > 0 && gib < 1 << 33)
-        .map(|gib| gib << 30)
-        .ok_or_else(|| {
-            RewriteError::Setting(format!(
-                "{MAX_LAYER_SIZE_VAR}={value:?} is not valid: give a whole number of GiB, e.g. 64"
-            ))
-        })
+    super::env_setting(
+        MAX_LAYER_SIZE_VAR,
+        DEFAULT_MAX_LAYER_GIB,
+        (1 << 33) - 1,
+        "GiB",
+    )
+    .map(|gib| gib << 30)
+    .map_err(RewriteError::Setting)
 }
 
 fn hostile(msg: String) -> RewriteError {

@@ -24,16 +24,23 @@ pub(crate) enum Mode {
     Exclusive,
 }
 
+impl Mode {
+    /// flock's argument for this mode, waiting for the lock or not.
+    fn arg(self, wait: bool) -> FlockArg {
+        match (self, wait) {
+            (Mode::Shared, true) => FlockArg::LockShared,
+            (Mode::Exclusive, true) => FlockArg::LockExclusive,
+            (Mode::Shared, false) => FlockArg::LockSharedNonblock,
+            (Mode::Exclusive, false) => FlockArg::LockExclusiveNonblock,
+        }
+    }
+}
+
 /// Opens (creating) `path` and waits for the lock.
 pub(crate) fn lock(path: &Path, mode: Mode) -> Result<FileLock, Error> {
-    let file = open(path)?;
-    let arg = match mode {
-        Mode::Shared => FlockArg::LockShared,
-        Mode::Exclusive => FlockArg::LockExclusive,
-    };
-    let mut file = file;
+    let mut file = open(path)?;
     loop {
-        match Flock::lock(file, arg) {
+        match Flock::lock(file, mode.arg(true)) {
             Ok(l) => return Ok(FileLock(l)),
             Err((f, Errno::EINTR)) => file = f,
             Err((_, e)) => return Err(Error::io(format!("locking {}", path.display()), e.into())),
@@ -45,14 +52,10 @@ pub(crate) fn lock(path: &Path, mode: Mode) -> Result<FileLock, Error> {
 /// holder that dies releases the lock at once, one that hangs (stopped, say) must not block
 /// every later run forever.
 pub(crate) fn lock_within(path: &Path, mode: Mode, max_wait: Duration) -> Result<FileLock, Error> {
-    let arg = match mode {
-        Mode::Shared => FlockArg::LockSharedNonblock,
-        Mode::Exclusive => FlockArg::LockExclusiveNonblock,
-    };
     let deadline = Instant::now() + max_wait;
     let mut file = open(path)?;
     loop {
-        match Flock::lock(file, arg) {
+        match Flock::lock(file, mode.arg(false)) {
             Ok(l) => return Ok(FileLock(l)),
             Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) if Instant::now() < deadline => {
                 file = f;
@@ -80,11 +83,7 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Takes the lock on an already open file without waiting; `None` when someone else holds it.
 pub(crate) fn try_lock(file: File, mode: Mode, path: &Path) -> Result<Option<FileLock>, Error> {
-    let arg = match mode {
-        Mode::Shared => FlockArg::LockSharedNonblock,
-        Mode::Exclusive => FlockArg::LockExclusiveNonblock,
-    };
-    match Flock::lock(file, arg) {
+    match Flock::lock(file, mode.arg(false)) {
         Ok(l) => Ok(Some(FileLock(l))),
         Err((_, Errno::EWOULDBLOCK)) => Ok(None),
         Err((_, e)) => Err(Error::io(format!("locking {}", path.display()), e.into())),

@@ -112,6 +112,21 @@ pub struct PruneReport {
     pub bytes_freed: u64,
 }
 
+/// The whole number the environment variable `var` holds (`default` when it is unset), from 1
+/// to `max`; anything else is a message naming the variable and the `unit` it counts.
+pub(crate) fn env_setting(var: &str, default: u64, max: u64, unit: &str) -> Result<u64, String> {
+    let Some(value) = std::env::var_os(var) else {
+        return Ok(default);
+    };
+    value
+        .to_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            format!("{var}={value:?} is not valid: give a whole number of {unit}, e.g. {default}")
+        })
+}
+
 /// [`crate::fuzz::layer_tar`]: the layer rewrite with a file data cap of `max_data` bytes.
 #[doc(hidden)]
 pub fn fuzz_layer_rewrite(tar: &[u8], max_data: u64) -> Result<(), String> {

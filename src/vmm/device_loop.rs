@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// A device subscriber as the loop holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -41,7 +41,7 @@ impl DeviceLoop {
     /// Starts the loop thread with `subscribers` registered.
     pub fn start(subscribers: Vec<Subscriber>) -> std::io::Result<Self> {
         let mut manager = EventManager::<Subscriber>::new().map_err(std::io::Error::other)?;
-        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+        let stop = crate::devices::event_fd()?;
         let stopped = Arc::new(AtomicBool::new(false));
         let stop_sub: Subscriber = Arc::new(Mutex::new(StopEvent {
             evt: stop.try_clone()?,

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vm_superio::Trigger;
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The reason a running VM stopped, as first reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +39,7 @@ impl StopSignal {
         Ok(StopSignal {
             requested: AtomicBool::new(false),
             reason: Mutex::new(None),
-            evt: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            evt: crate::devices::event_fd()?,
         })
     }
 

@@ -34,7 +34,6 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use crate::backend::VmEnd;
@@ -225,8 +224,7 @@ fn legacy_devices(
     console: Box<dyn Write + Send>,
     stop: &Arc<StopSignal>,
 ) -> Result<Arc<Bus>, Error> {
-    let com1_irq =
-        EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(host_err("serial irq eventfd"))?;
+    let com1_irq = crate::devices::event_fd().map_err(host_err("serial irq eventfd"))?;
     kvm(|| vm.register_irqfd(&com1_irq, COM1_IRQ)).map_err(ioctl("KVM_IRQFD"))?;
     let mut pio = Bus::new();
     pio.insert(

@@ -6,7 +6,7 @@
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::exit::StopSignal;
 
@@ -35,7 +35,7 @@ impl PauseGate {
             gate: Mutex::new(Gate::default()),
             changed: Condvar::new(),
             vcpus,
-            kick: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            kick: crate::devices::event_fd()?,
         })
     }
 

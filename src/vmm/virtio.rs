@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::device_loop::Subscriber;
 use super::exit::{StopReason, StopSignal};
@@ -238,7 +237,7 @@ impl VirtioDevices {
                 source,
             }
         };
-        let irqfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?;
+        let irqfd = crate::devices::event_fd().map_err(Error::EventFd)?;
         kvm(|| vm.register_irqfd(&irqfd, slot.gsi)).map_err(ioctl("KVM_IRQFD"))?;
         let transport = MmioTransport::new(mem.clone(), device, Interrupt::new(irqfd))?;
         // Kicks for queue i (a 4-byte write of i to QueueNotify) go straight to that queue's

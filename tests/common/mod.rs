@@ -57,6 +57,15 @@ pub fn kernel_or_skip(test: &str) -> Option<PathBuf> {
     found
 }
 
+/// The guest kernel when /dev/kvm exists too (tests that run real Linux under our VMM), or
+/// `None` after a loud skip line for `test`.
+pub fn kvm_kernel_or_skip(test: &str) -> Option<PathBuf> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    kernel_or_skip(test)
+}
+
 /// What `podman run` needs on this fleet's hosts (no networking, limits the host's defaults
 /// would refuse), for tests and benchmarks that run Debian's podman beside microvm.
 pub const PODMAN_RUN_FLAGS: [&str; 6] = [

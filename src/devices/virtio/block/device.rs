@@ -6,7 +6,7 @@ use std::path::Path;
 use virtio_bindings::virtio_blk as blk;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::DiskFile;
 use super::request::{
@@ -90,7 +90,7 @@ impl Block {
     pub fn new(path: &Path, read_only: bool, serial: &str) -> Result<Self, Error> {
         let serial = serial_id(serial)?;
         let disk = DiskFile::open(path, read_only)?;
-        let evt = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd);
+        let evt = || crate::devices::event_fd().map_err(Error::EventFd);
         Ok(Block {
             config: config_bytes(disk.sectors()),
             features: offered_features(read_only),

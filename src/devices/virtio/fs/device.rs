@@ -12,7 +12,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, Handshake, NUM_QUEUES, RING_FEATURES};
 use super::config::{config_bytes, CONFIG_SIZE};
@@ -67,7 +67,7 @@ impl Fs {
     pub fn new(tag: &str, socket: &Path, on_failure: FailureHook) -> Result<Self, Error> {
         let config = config_bytes(tag)?;
         let (handshake, watch) = Handshake::start(socket)?;
-        let evt = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd);
+        let evt = || crate::devices::event_fd().map_err(Error::EventFd);
         Ok(Fs {
             tag: tag.to_owned(),
             socket: socket.to_owned(),
@@ -95,17 +95,16 @@ impl Fs {
     /// Waits for the negotiation, the first time; afterwards the link is `Ready` or, if it
     /// failed (reported once, here), `Failed`. Returns the failure's message.
     fn negotiated(&mut self) -> Result<(), String> {
-        if matches!(self.link, Link::Negotiating(_)) {
-            // Taken out to be joined, leaving `Failed` unless it succeeds.
-            if let Link::Negotiating(handshake) = std::mem::replace(&mut self.link, Link::Failed) {
-                match handshake.finish() {
-                    Ok(backend) => self.link = Link::Ready(backend),
-                    Err(e) => {
-                        return Err(self.backend_failed(&format!("cannot negotiate with it: {e}")))
-                    }
+        // Taken out (to be joined, if still negotiating), leaving `Failed` unless put back.
+        self.link = match std::mem::replace(&mut self.link, Link::Failed) {
+            Link::Negotiating(handshake) => match handshake.finish() {
+                Ok(backend) => Link::Ready(backend),
+                Err(e) => {
+                    return Err(self.backend_failed(&format!("cannot negotiate with it: {e}")))
                 }
-            }
-        }
+            },
+            link => link,
+        };
         match self.link {
             Link::Ready(_) => Ok(()),
             _ => Err(self.backend_failed("the vhost-user negotiation failed earlier in this VM")),

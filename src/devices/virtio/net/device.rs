@@ -16,7 +16,7 @@ use virtio_bindings::virtio_net as n;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, Sent};
 use super::chain::{read_tx_frame, MAX_TX_LEN};
@@ -126,7 +126,7 @@ impl Net {
         backend: Backend,
         on_failure: FailureHook,
     ) -> Result<Self, Error> {
-        let evt = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd);
+        let evt = || crate::devices::event_fd().map_err(Error::EventFd);
         Ok(Net {
             features: backend.features(),
             backend,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::rings::{move_packets, Rings};
@@ -48,7 +48,7 @@ impl Vsock {
     /// runs, so host processes may connect at once).
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, Error> {
         let listener = Listener::bind(uds_path)?;
-        let evt = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd);
+        let evt = || crate::devices::event_fd().map_err(Error::EventFd);
         Ok(Vsock {
             guest_cid,
             queue_events: vec![evt()?, evt()?, evt()?],
